@@ -1,0 +1,58 @@
+"""The ``mtrank`` command line: one entry point, dispatched lazily.
+
+Each subcommand lives in the half that owns it and is imported only when called, so the service
+image (no torch) can run ``mtrank serve`` and ``mtrank models`` without the training stack.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+# subcommand -> (module, help). Each module exposes ``main(argv: list[str]) -> int``.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "synth": ("training.synthetic", "generate synthetic data sets (ecommerce, mmoe)"),
+    "train": ("training.train", "train a multi-task model from a YAML config"),
+    "evaluate": ("training.evaluate", "evaluate a checkpoint on a data split (JSON report)"),
+    "export": ("training.export", "export a checkpoint to ONNX into the model registry"),
+    "features": ("training.features", "build feature snapshots / load them into Redis"),
+    "tune-fusion": ("training.tune_fusion", "grid/random search of the fusion parameters"),
+    "models": ("mtrank.models_cli", "list model versions, promote one to current"),
+    "serve": ("service.cli", "run the ranking service (uvicorn)"),
+    "demo": ("mtrank.demo", "train a small model if none exists, then serve it"),
+}
+
+
+def usage() -> str:
+    width = max(len(c) for c in COMMANDS)
+    lines = ["usage: mtrank COMMAND [ARGS...]", "", "commands:"]
+    lines += [f"  {c.ljust(width)}  {h}" for c, (_, h) in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if not args or args[0] in ("-h", "--help", "help"):
+        print(usage())
+        return 0
+    cmd, rest = args[0], args[1:]
+    if cmd not in COMMANDS:
+        print(f"mtrank: unknown command {cmd!r}\n\n{usage()}", file=sys.stderr)
+        return 2
+    module_name = COMMANDS[cmd][0]
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        extra = "train" if module_name.startswith("training") else "serve"
+        print(
+            f"mtrank {cmd}: needs the '{extra}' extra ({e.name} is missing): "
+            f"pip install 'mtrank[{extra}]'",
+            file=sys.stderr,
+        )
+        return 2
+    rc: int = module.main(rest)
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Offline half of mtrank: data -> model -> loss -> train loop -> evaluation -> export."""

@@ -1,0 +1,202 @@
+"""Typed configuration of the offline half, loaded from YAML.
+
+Two documents: a :class:`DatasetSpec` (which columns exist and what role each plays) and a
+:class:`TrainConfig` (model, loss weighting, optimisation), which embeds or points at a dataset
+spec. Unknown keys are errors naming the key; a missing column is an error naming the column
+(checked when data is read). The resolved config is saved in every checkpoint and export.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+Source = Literal["user", "item", "context"]
+
+
+class ConfigError(ValueError):
+    """A configuration file that does not validate; the message names the file and the key."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# ---------------------------------------------------------------- dataset
+class SparseColumn(_Strict):
+    name: str
+    source: Source = "item"
+    min_count: int = Field(1, ge=1, description="rarer values go to the OOV bucket")
+
+
+class DenseColumn(_Strict):
+    name: str
+    source: Source = "item"
+    log1p: bool = False
+    default: float | None = Field(None, description="raw value for missing; training mean if None")
+
+
+class TaskColumn(_Strict):
+    name: str
+    label: str
+    kind: Literal["binary", "regression"] = "binary"
+    depends_on: str | None = Field(None, description="funnel parent task (cvr depends on ctr)")
+
+
+class DatasetSpec(_Strict):
+    name: str
+    format: Literal["csv", "parquet"] = "csv"
+    train: str
+    valid: str | None = None
+    test: str | None = None
+    sparse: list[SparseColumn]
+    dense: list[DenseColumn] = []
+    tasks: list[TaskColumn]
+    user_column: str | None = Field(None, description="user id column, for GAUC")
+    truth_columns: list[str] = Field(
+        default_factory=list, description="ground-truth columns kept for evaluation, never trained"
+    )
+    funnel_policy: Literal["error", "drop", "fix_parent"] = Field(
+        "drop",
+        description="rows whose child label is positive while the parent is 0: fail, drop them, "
+        "or set the parent label to 1",
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> DatasetSpec:
+        names = [t.name for t in self.tasks]
+        for t in self.tasks:
+            if t.depends_on is not None and t.depends_on not in names:
+                raise ValueError(f"task {t.name!r} depends_on unknown task {t.depends_on!r}")
+        if len(set(names)) != len(names):
+            raise ValueError(f"task names repeat: {names}")
+        return self
+
+    def task(self, name: str) -> TaskColumn:
+        for t in self.tasks:
+            if t.name == name:
+                return t
+        raise KeyError(name)
+
+
+# ---------------------------------------------------------------- model
+class ModelConfig(_Strict):
+    """Architecture and sizes. ``type`` selects a file in training/models/."""
+
+    type: Literal[
+        "single_task", "shared_bottom", "omoe", "mmoe", "mmoe_attention", "ple", "esmm", "base"
+    ] = "mmoe"
+    embed_dim: int = Field(16, ge=1)
+    bottom_units: list[int] = [128, 64]  # shared_bottom / single_task / base
+    expert_units: list[int] = [128, 64]  # omoe / mmoe / ple experts
+    n_experts: int = Field(4, ge=1)
+    tower_units: list[int] = [32]
+    # PLE (Tang et al., RecSys 2020): CGC levels with task-specific and shared experts.
+    ple_levels: int = Field(2, ge=1)
+    ple_specific_experts: int = Field(2, ge=1)
+    ple_shared_experts: int = Field(2, ge=1)
+    # ESMM's CVR/CTR towers may sit on any bottom: "shared_bottom", "mmoe", ...
+    esmm_bottom: Literal["shared_bottom", "mmoe", "ple"] = "shared_bottom"
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+
+
+class TaskWeights(_Strict):
+    label_weight: float = Field(1.0, gt=0, description="weight of positive labels (binary only)")
+    loss_weight: float = Field(1.0, ge=0, description="static loss weight")
+
+
+class WeightingConfig(_Strict):
+    type: Literal["static", "uncertainty", "mgda", "pe_ltr"] = "static"
+    # PE-LTR (Lin et al., RecSys 2019): lower bound of each task's weight.
+    lower_bounds: dict[str, float] = {}
+
+
+class EarlyStopping(_Strict):
+    metric: str = Field("valid_loss", description="valid_loss or '<task>_auc'")
+    patience: int = Field(2, ge=1)
+
+
+class TrainConfig(_Strict):
+    dataset: DatasetSpec
+    model: ModelConfig = ModelConfig()
+    tasks: dict[str, TaskWeights] = Field(
+        default_factory=dict, description="per-task weights by task name; missing = defaults"
+    )
+    weighting: WeightingConfig = WeightingConfig()
+    epochs: int = Field(5, ge=1)
+    batch_size: int = Field(1024, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    early_stopping: EarlyStopping = EarlyStopping()
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    max_steps: int | None = Field(None, ge=1, description="stop after this many steps (smoke runs)")
+    out_dir: str = "runs"
+
+    @model_validator(mode="after")
+    def _tasks_known(self) -> TrainConfig:
+        known = {t.name for t in self.dataset.tasks}
+        unknown = sorted(set(self.tasks) - known)
+        if unknown:
+            raise ValueError(f"tasks: {unknown} not in dataset tasks {sorted(known)}")
+        return self
+
+    def weights(self, task: str) -> TaskWeights:
+        return self.tasks.get(task, TaskWeights())
+
+
+PositiveInt = Annotated[int, Field(ge=1)]
+_M = TypeVar("_M", bound=BaseModel)
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    return data
+
+
+def _validate(cls: type[_M], data: dict[str, Any], path: Path) -> _M:
+    try:
+        return cls.model_validate(data)
+    except ValidationError as e:
+        lines = [
+            f"  {'.'.join(str(p) for p in err['loc']) or '<root>'}: {err['msg']}"
+            for err in e.errors()
+        ]
+        raise ConfigError(f"{path}: invalid {cls.__name__}:\n" + "\n".join(lines)) from e
+
+
+def load_dataset_spec(path: Path | str) -> DatasetSpec:
+    path = Path(path)
+    data = _read_yaml(path)
+    for key in ("train", "valid", "test"):
+        if isinstance(data.get(key), str):
+            data[key] = str((path.parent / data[key]).resolve())
+    return _validate(DatasetSpec, data, path)
+
+
+def load_train_config(path: Path | str, overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """Load a training config; ``dataset`` may be inline or a path relative to the file."""
+    path = Path(path)
+    data = _read_yaml(path)
+    ds = data.get("dataset")
+    if isinstance(ds, str):
+        data["dataset"] = load_dataset_spec(path.parent / ds).model_dump()
+    elif isinstance(ds, dict):
+        for key in ("train", "valid", "test"):
+            if isinstance(ds.get(key), str):
+                ds[key] = str((path.parent / ds[key]).resolve())
+    for dotted, value in (overrides or {}).items():
+        node = data
+        *parents, leaf = dotted.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return _validate(TrainConfig, data, path)

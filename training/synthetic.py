@@ -1,0 +1,472 @@
+"""Synthetic and derived data sets: ``mtrank synth {ecommerce,mmoe,census}``.
+
+* ``ecommerce``: an impression -> click -> cart/collect -> purchase funnel with known true
+  probabilities. Clicks favour clickbait (low quality) and promoted items, while purchases favour
+  quality and, for price-sensitive users, low prices, so the click filter changes the
+  distribution of the conversion drivers: genuine sample-selection bias, the setting of ESMM
+  (Ma et al., SIGIR 2018). ``cf_purchase`` is a purchase label drawn for every impression from
+  ``true_cvr`` (the counterfactual "had it been clicked"), so CVR can be evaluated on the entire
+  impression space; ``purchase = click * cf_purchase``. Never train on the truth columns.
+* ``mmoe``: the two-task regression of Ma et al., KDD 2018 (MMoE), section 3.2, whose task
+  relatedness is set by the cosine similarity ``rho`` of the two weight vectors.
+* ``census``: the UCI Census-Income (KDD) file split into train/valid/test with the two MMoE
+  benchmark labels derived (income > 50K, never married).
+
+Everything is deterministic by seed and generated in vectorised chunks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+
+TODAY_DAY = 20089  # 2025-01-01 as days since 1970-01-01: the fixed "now" of the ecommerce world
+HISTORY_DAYS = 30  # impressions span [TODAY_DAY - HISTORY_DAYS, TODAY_DAY)
+LATENT_DIM = 8
+N_CATEGORIES = 50
+BRANDS_PER_CATEGORY = 6  # 300 brands
+CHUNK_ROWS = 200_000
+SPLIT_FRACTIONS = (0.8, 0.1, 0.1)
+DEVICES = np.array(["ios", "android", "web"])
+GENDERS = np.array(["F", "M", "U"])
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    out: np.ndarray = 1.0 / (1.0 + np.exp(-x))
+    return out
+
+
+class _SplitWriter:
+    """Writes contiguous row ranges of a stream into train/valid/test files."""
+
+    def __init__(self, out_dir: Path, n_rows: int, fmt: str, fractions: tuple[float, ...]) -> None:
+        if fmt not in ("parquet", "csv"):
+            raise ValueError(f"format must be parquet or csv, got {fmt!r}")
+        n_train, n_valid = int(fractions[0] * n_rows), int(fractions[1] * n_rows)
+        self.bounds = {
+            "train": (0, n_train),
+            "valid": (n_train, n_train + n_valid),
+            "test": (n_train + n_valid, n_rows),
+        }
+        self.out_dir, self.fmt = out_dir, fmt
+        self.writers: dict[str, Any] = {}
+
+    def file(self, split: str) -> str:
+        return f"{split}.{self.fmt}"
+
+    def write(self, table: pa.Table, start: int) -> None:
+        """``table`` holds global rows [start, start + len)."""
+        end = start + table.num_rows
+        for split, (lo, hi) in self.bounds.items():
+            a, b = max(lo, start), min(hi, end)
+            if a < b:
+                self._writer(split, table.schema).write_table(table.slice(a - start, b - a))
+
+    def _writer(self, split: str, schema: pa.Schema) -> Any:
+        if split not in self.writers:
+            path = self.out_dir / self.file(split)
+            self.writers[split] = (
+                pq.ParquetWriter(path, schema)
+                if self.fmt == "parquet"
+                else pacsv.CSVWriter(path, schema)
+            )
+        return self.writers[split]
+
+    def close(self) -> dict[str, int]:
+        for w in self.writers.values():
+            w.close()
+        return {s: hi - lo for s, (lo, hi) in self.bounds.items()}
+
+
+# ------------------------------------------------------------------ ecommerce world
+def _users(rng: np.random.Generator, n: int) -> dict[str, np.ndarray]:
+    activity = rng.lognormal(0.0, 0.8, n)
+    age = rng.choice(7, n, p=[0.08, 0.22, 0.25, 0.18, 0.12, 0.09, 0.06])
+    tier = rng.choice(4, n, p=[0.15, 0.3, 0.3, 0.25]) + 1
+    # latent traits, partly visible through tier / age / purchase history
+    sensitivity = _sigmoid(0.8 * (tier - 2.5) - 0.3 * (age - 3) + rng.normal(0, 0.7, n))
+    propensity = rng.normal(0, 0.6, n) + 0.2 * np.log(activity)
+    return {
+        "user_id": np.arange(1, n + 1, dtype=np.int64),
+        "age_bucket": age.astype(np.int64),
+        "city_tier": tier.astype(np.int64),
+        "gender": rng.choice(GENDERS, n, p=[0.48, 0.46, 0.06]),
+        "user_activity": np.round(activity, 3),
+        "past_purchases": rng.poisson(2.0 * np.exp(propensity)).astype(np.int64),
+        "_pref": rng.normal(size=(n, LATENT_DIM)),
+        "_sensitivity": sensitivity,
+        "_propensity": propensity,
+    }
+
+
+def _items(rng: np.random.Generator, n: int) -> dict[str, np.ndarray]:
+    cat_p = 1.0 / np.arange(1, N_CATEGORIES + 1) ** 0.8
+    category = rng.choice(N_CATEGORIES, n, p=cat_p / cat_p.sum())
+    cat_vec = rng.normal(size=(N_CATEGORIES, LATENT_DIM))
+    cat_price = rng.normal(3.5, 0.8, N_CATEGORIES)  # log-price level of each category
+    quality = rng.beta(2.5, 2.0, n)
+    clickbait = _sigmoid(-5.0 * (quality - 0.5) + rng.normal(0, 0.8, n))
+    promoted = rng.random(n) < 0.04 + 0.2 * (1.0 - quality)  # weaker items buy promotion
+    age_kind = rng.choice(3, n, p=[0.85, 0.10, 0.05])  # old / last month / last week
+    age_days = np.select(
+        [age_kind == 0, age_kind == 1],
+        [rng.integers(HISTORY_DAYS + 1, 1000, n), rng.integers(8, HISTORY_DAYS + 1, n)],
+        rng.integers(1, 8, n),
+    )
+    has_cap = rng.random(n) < 0.1
+    return {
+        "item_id": np.arange(1_000_001, 1_000_001 + n, dtype=np.int64),
+        "category": category.astype(np.int64),
+        "brand": (category * BRANDS_PER_CATEGORY + rng.integers(0, BRANDS_PER_CATEGORY, n)),
+        "price": np.round(rng.lognormal(cat_price[category], 0.5), 2),
+        "promoted": promoted.astype(np.int64),
+        "quality": np.round(quality, 4),
+        "first_seen_day": (TODAY_DAY - age_days).astype(np.int64),
+        "exposure_cap": np.where(has_cap, rng.integers(20, 200, n), 0),
+        "_has_cap": has_cap,
+        "_vec": 0.8 * cat_vec[category] + 0.6 * rng.normal(size=(n, LATENT_DIM)),
+        "_clickbait": clickbait,
+        "_popularity": rng.lognormal(0.0, 1.0, n) * (1.0 + 1.5 * promoted),
+    }
+
+
+USER_COLUMNS = ["user_id", "age_bucket", "city_tier", "gender", "user_activity", "past_purchases"]
+ITEM_COLUMNS = ["item_id", "category", "brand", "price", "promoted", "quality"]
+ITEM_RULE_COLUMNS = ["first_seen_day", "exposure_cap"]
+
+
+def _entity_table(cols: dict[str, np.ndarray], names: list[str]) -> pa.Table:
+    arrays = {k: pa.array(cols[k]) for k in names}
+    if "exposure_cap" in arrays:  # most items have no cap: null, not 0
+        arrays["exposure_cap"] = pa.array(cols["exposure_cap"], mask=~cols["_has_cap"])
+    return pa.table(arrays)
+
+
+def _impressions(
+    rng: np.random.Generator,
+    users: dict[str, np.ndarray],
+    items: dict[str, np.ndarray],
+    rows: np.ndarray,
+    n_total: int,
+) -> dict[str, np.ndarray]:
+    """The funnel for global impression numbers ``rows`` (time increases with the number)."""
+    n = len(rows)
+    span = HISTORY_DAYS * 86400
+    ts = (TODAY_DAY - HISTORY_DAYS) * 86400 + ((rows + rng.random(n)) / n_total * span)
+    ts = ts.astype(np.int64)
+    day, hour = ts // 86400, (ts % 86400) // 3600
+    u = np.searchsorted(users["_cdf"], rng.random(n))  # active users see more
+    i = np.searchsorted(items["_cdf"], rng.random(n))
+    unborn = items["first_seen_day"][i] > day  # an item cannot be shown before it exists
+    i[unborn] = items["_old"][np.searchsorted(items["_old_cdf"], rng.random(int(unborn.sum())))]
+    device = rng.choice(3, n, p=[0.35, 0.5, 0.15])
+
+    affinity = np.einsum("nk,nk->n", users["_pref"][u], items["_vec"][i]) / np.sqrt(LATENT_DIM)
+    quality, bait = items["quality"][i], items["_clickbait"][i]
+    promoted = items["promoted"][i]
+    z_price = (np.log(items["price"][i]) - 3.5) / 0.9
+    ctr_logit = (
+        -4.6
+        + 0.9 * affinity
+        + 2.6 * bait
+        + 0.7 * promoted
+        - 1.0 * quality
+        + 0.25 * np.log(users["user_activity"][u])
+        + np.array([0.15, 0.0, -0.3])[device]
+        + 0.2 * np.cos(2 * np.pi * (hour - 20) / 24)
+    )
+    cvr_logit = (
+        -2.0
+        + 3.5 * (quality - 0.5)
+        - 1.6 * users["_sensitivity"][u] * z_price
+        - 3.0 * bait
+        + 0.9 * users["_propensity"][u]
+        + 0.3 * affinity
+        + 0.3 * promoted
+    )
+    true_ctr, true_cvr = _sigmoid(ctr_logit), _sigmoid(cvr_logit)
+    click = rng.random(n) < true_ctr
+    cf_purchase = rng.random(n) < true_cvr
+    cart = click & np.where(
+        cf_purchase, rng.random(n) < 0.75, rng.random(n) < 0.3 * true_cvr + 0.04
+    )
+    collect = click & (rng.random(n) < _sigmoid(-2.6 + 0.8 * affinity + (quality - 0.5)))
+    stay_mu = 3.0 + 0.7 * (quality - 0.5) + 0.25 * affinity - 0.6 * bait + 0.4 * cf_purchase
+    stay = np.where(click, np.round(np.exp(stay_mu + rng.normal(0, 0.5, n)), 1), 0.0)
+    cols = {"ts": ts, "day": day}
+    cols |= {k: users[k][u] for k in USER_COLUMNS}
+    cols |= {k: items[k][i] for k in ITEM_COLUMNS}
+    cols |= {"hour": hour, "device": DEVICES[device]}
+    cols |= {
+        "click": click.astype(np.int8),
+        "cart": cart.astype(np.int8),
+        "collect": collect.astype(np.int8),
+        "purchase": (click & cf_purchase).astype(np.int8),
+        "stay_seconds": stay,
+        "true_ctr": true_ctr,
+        "true_cvr": true_cvr,
+        "cf_purchase": cf_purchase.astype(np.int8),
+    }
+    return cols
+
+
+def _chunks(n: int, size: int) -> Iterator[tuple[int, np.ndarray]]:
+    for c, start in enumerate(range(0, n, size)):
+        yield c, np.arange(start, min(start + size, n))
+
+
+def generate_ecommerce(
+    out_dir: Path, n_impressions: int, seed: int, fmt: str = "parquet"
+) -> dict[str, Any]:
+    """Write users.parquet, items.parquet, {train,valid,test}.<fmt> and meta.json; return meta.
+
+    Splits are by time (first 80% of impressions train, next 10% valid, last 10% test). The
+    entity tables always are Parquet; impression rows copy their attribute values verbatim.
+    """
+    if n_impressions < 10:
+        raise ValueError(f"n_impressions must be >= 10, got {n_impressions}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ent_rng = np.random.default_rng([seed, 0])
+    users = _users(ent_rng, max(200, n_impressions // 40))
+    items = _items(ent_rng, max(300, n_impressions // 80))
+    users["_cdf"] = np.cumsum(users["user_activity"]) / users["user_activity"].sum()
+    items["_cdf"] = np.cumsum(items["_popularity"]) / items["_popularity"].sum()
+    old = np.flatnonzero(items["first_seen_day"] < TODAY_DAY - HISTORY_DAYS)
+    items["_old"], items["_old_cdf"] = old, np.cumsum(items["_popularity"][old])
+    items["_old_cdf"] /= items["_old_cdf"][-1]
+    pq.write_table(_entity_table(users, USER_COLUMNS), out_dir / "users.parquet")
+    pq.write_table(
+        _entity_table(items, ITEM_COLUMNS + ITEM_RULE_COLUMNS), out_dir / "items.parquet"
+    )
+
+    writer = _SplitWriter(out_dir, n_impressions, fmt, SPLIT_FRACTIONS)
+    sums = dict.fromkeys(("click", "cf_purchase", "purchase", "cart", "collect", "cvr_clk"), 0.0)
+    sums |= {"true_cvr": 0.0, "quality": 0.0, "quality_clk": 0.0}
+    for c, rows in _chunks(n_impressions, CHUNK_ROWS):
+        cols = _impressions(np.random.default_rng([seed, 1, c]), users, items, rows, n_impressions)
+        writer.write(pa.table(cols), int(rows[0]))
+        clk = cols["click"] == 1
+        for k in ("click", "cf_purchase", "purchase", "cart", "collect", "true_cvr", "quality"):
+            sums[k] += float(np.sum(cols[k], dtype=np.float64))
+        sums["cvr_clk"] += float(np.sum(cols["true_cvr"][clk]))
+        sums["quality_clk"] += float(np.sum(cols["quality"][clk]))
+    split_rows = writer.close()
+    n, clicks = float(n_impressions), max(sums["click"], 1.0)
+    meta = {
+        "kind": "ecommerce",
+        "seed": seed,
+        "format": fmt,
+        "n_impressions": n_impressions,
+        "n_users": len(users["user_id"]),
+        "n_items": len(items["item_id"]),
+        "today_day": TODAY_DAY,
+        "history_days": HISTORY_DAYS,
+        "splits": split_rows,
+        "files": {s: writer.file(s) for s in split_rows}
+        | {"users": "users.parquet"}
+        | {"items": "items.parquet"},
+        "rates": {
+            "ctr": sums["click"] / n,
+            "cvr_after_click": sums["purchase"] / clicks,
+            "ctcvr": sums["purchase"] / n,
+            "cart_after_click": sums["cart"] / clicks,
+            "collect_after_click": sums["collect"] / clicks,
+            "cf_purchase": sums["cf_purchase"] / n,
+            "mean_true_cvr_all": sums["true_cvr"] / n,
+            "mean_true_cvr_clicked": sums["cvr_clk"] / clicks,
+            "mean_quality_all": sums["quality"] / n,
+            "mean_quality_clicked": sums["quality_clk"] / clicks,
+        },
+    }
+    (out_dir / "meta.json").write_text(json.dumps(meta, indent=1))
+    return meta
+
+
+# ------------------------------------------------------------------ MMoE synthetic regression
+def generate_mmoe(
+    out_dir: Path,
+    correlation: float,
+    n_samples: int,
+    seed: int,
+    *,
+    dim: int = 100,
+    n_sines: int = 10,
+    scale: float = 1.0,
+    noise_std: float = 0.1,
+    fmt: str = "parquet",
+) -> dict[str, Any]:
+    """Two regression tasks whose weight vectors have cosine similarity ``correlation``.
+
+    ``u1, u2`` orthonormal; ``w1 = c u1``, ``w2 = c (rho u1 + sqrt(1 - rho^2) u2)``;
+    ``y_i = w_i.x + sum_j sin(alpha_j w_i.x + beta_j) + noise``, x ~ N(0, I). Rows are split
+    80/10/10 in generation order (rows are i.i.d.). Columns x0..x{dim-1}, y1, y2.
+    """
+    if not -1.0 <= correlation <= 1.0:
+        raise ValueError(f"correlation must lie in [-1, 1], got {correlation}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    prm = np.random.default_rng([seed, 0])
+    u, _ = np.linalg.qr(prm.normal(size=(dim, 2)))  # (dim, 2) orthonormal columns
+    w1 = scale * u[:, 0]
+    w2 = scale * (correlation * u[:, 0] + np.sqrt(1.0 - correlation**2) * u[:, 1])
+    alpha, beta = prm.normal(size=n_sines), prm.normal(size=n_sines)
+
+    def task(x: np.ndarray, w: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        wx = x @ w  # (n,)
+        sines = np.sin(np.outer(wx, alpha) + beta).sum(axis=1)  # (n, m) -> (n,)
+        out: np.ndarray = wx + sines + rng.normal(0.0, noise_std, len(wx))
+        return out
+
+    writer = _SplitWriter(out_dir, n_samples, fmt, SPLIT_FRACTIONS)
+    acc = np.zeros(5)  # sums of y1, y2, y1^2, y2^2, y1*y2 for the measured correlation
+    for c, rows in _chunks(n_samples, CHUNK_ROWS // 4):
+        rng = np.random.default_rng([seed, 1, c])
+        x = rng.normal(size=(len(rows), dim)).astype(np.float32)  # stored as float32
+        xd = x.astype(np.float64)
+        y1, y2 = task(xd, w1, rng), task(xd, w2, rng)
+        acc += [y1.sum(), y2.sum(), (y1**2).sum(), (y2**2).sum(), (y1 * y2).sum()]
+        cols = {f"x{j}": x[:, j] for j in range(dim)} | {"y1": y1, "y2": y2}
+        writer.write(pa.table(cols), int(rows[0]))
+    split_rows = writer.close()
+    m1, m2, s11, s22, s12 = acc / n_samples
+    measured = (s12 - m1 * m2) / np.sqrt((s11 - m1**2) * (s22 - m2**2))
+    meta = {
+        "kind": "mmoe",
+        "seed": seed,
+        "format": fmt,
+        "correlation": correlation,
+        "label_correlation": float(measured),
+        "n_samples": n_samples,
+        "dim": dim,
+        "n_sines": n_sines,
+        "scale": scale,
+        "noise_std": noise_std,
+        "splits": split_rows,
+        "files": {s: writer.file(s) for s in split_rows},
+    }
+    (out_dir / "meta.json").write_text(json.dumps(meta, indent=1))
+    return meta
+
+
+# ------------------------------------------------------------------ UCI census-income (KDD)
+CENSUS_COLUMNS = [
+    "age", "class_of_worker", "detailed_industry_recode", "detailed_occupation_recode",
+    "education", "wage_per_hour", "enroll_in_edu_inst_last_wk", "marital_stat",
+    "major_industry_code", "major_occupation_code", "race", "hispanic_origin", "sex",
+    "member_of_a_labor_union", "reason_for_unemployment", "full_or_part_time_employment_stat",
+    "capital_gains", "capital_losses", "dividends_from_stocks", "tax_filer_stat",
+    "region_of_previous_residence", "state_of_previous_residence",
+    "detailed_household_and_family_stat", "detailed_household_summary_in_household",
+    "instance_weight", "migration_code_change_in_msa", "migration_code_change_in_reg",
+    "migration_code_move_within_reg", "live_in_this_house_1_year_ago",
+    "migration_prev_res_in_sunbelt", "num_persons_worked_for_employer",
+    "family_members_under_18", "country_of_birth_father", "country_of_birth_mother",
+    "country_of_birth_self", "citizenship", "own_business_or_self_employed",
+    "fill_inc_questionnaire_for_veterans_admin", "veterans_benefits", "weeks_worked_in_year",
+    "year", "income",
+]  # fmt: skip
+
+
+def split_census(
+    src: Path, out_dir: Path, seed: int = 0, fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)
+) -> dict[str, Any]:
+    """Split the raw UCI file into {train,valid,test}.parquet after a seeded shuffle.
+
+    Adds ``income_50k`` (col 42 is "50000+.") and ``never_married`` (col 8 is "Never married")
+    as 0/1 columns and drops the two raw label columns and col 25 (a sampling weight, not an
+    attribute). Text values are stripped of the file's leading blanks.
+    """
+    table = pacsv.read_csv(
+        src, read_options=pacsv.ReadOptions(column_names=CENSUS_COLUMNS, block_size=1 << 22)
+    )
+    if table.num_columns != 42:
+        raise ValueError(f"{src}: expected 42 columns, found {table.num_columns}")
+    cols = {}
+    for name in CENSUS_COLUMNS:
+        col = table.column(name)
+        cols[name] = pc.utf8_trim_whitespace(col) if pa.types.is_string(col.type) else col
+    income = np.asarray(pc.equal(cols.pop("income"), "50000+.").to_numpy(zero_copy_only=False))
+    marital = pc.equal(cols.pop("marital_stat"), "Never married").to_numpy(zero_copy_only=False)
+    del cols["instance_weight"]
+    out = pa.table(cols).append_column("income_50k", pa.array(income.astype(np.int8)))
+    out = out.append_column("never_married", pa.array(np.asarray(marital).astype(np.int8)))
+    out = out.take(np.random.default_rng(seed).permutation(out.num_rows))
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    writer = _SplitWriter(out_dir, out.num_rows, "parquet", fractions)
+    writer.write(out, 0)
+    meta = {
+        "kind": "census",
+        "source": str(src),
+        "seed": seed,
+        "splits": writer.close(),
+        "files": {s: writer.file(s) for s in ("train", "valid", "test")},
+        "rates": {"income_50k": float(income.mean()), "never_married": float(marital.mean())},
+    }
+    (out_dir / "meta.json").write_text(json.dumps(meta, indent=1))
+    return meta
+
+
+# ------------------------------------------------------------------ CLI
+# the repository sits beside shared/ (see shared/data/README.md)
+DEFAULT_CENSUS = (
+    Path(__file__).resolve().parents[2] / "shared/data/census-income/census-income.test.gz"
+)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mtrank synth", description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="kind", required=True)
+    e = sub.add_parser("ecommerce", help="impression -> click -> purchase funnel with truth")
+    e.add_argument("--out", type=Path, required=True)
+    e.add_argument("--impressions", type=int, default=1_000_000)
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--format", choices=["parquet", "csv"], default="parquet")
+    m = sub.add_parser("mmoe", help="MMoE paper two-task regression with task correlation rho")
+    m.add_argument("--out", type=Path, required=True)
+    m.add_argument("--correlation", type=float, required=True)
+    m.add_argument("--samples", type=int, default=100_000)
+    m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--dim", type=int, default=100)
+    m.add_argument("--sines", type=int, default=10)
+    m.add_argument("--format", choices=["parquet", "csv"], default="parquet")
+    c = sub.add_parser("census", help="split UCI census-income into train/valid/test")
+    c.add_argument("--out", type=Path, required=True)
+    c.add_argument("--src", type=Path, default=DEFAULT_CENSUS)
+    c.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def main(argv: list[str]) -> int:
+    args = _parser().parse_args(argv)
+    if args.kind == "ecommerce":
+        meta = generate_ecommerce(args.out, args.impressions, args.seed, args.format)
+    elif args.kind == "mmoe":
+        meta = generate_mmoe(
+            args.out,
+            args.correlation,
+            args.samples,
+            args.seed,
+            dim=args.dim,
+            n_sines=args.sines,
+            fmt=args.format,
+        )
+    else:
+        meta = split_census(args.src, args.out, args.seed)
+    sys.stdout.write(f"wrote {args.kind} data to {args.out}\n{json.dumps(meta, indent=1)}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,232 @@
+"""The training loop on tiny in-memory data: learning, seeds, early stopping, checkpoints, DDP."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch.multiprocessing.spawn import spawn
+
+from mtrank.spec import DenseField, FeatureSpec, SparseField, TaskOutput
+from training.config import (
+    ConfigError,
+    DatasetSpec,
+    EarlyStopping,
+    ModelConfig,
+    SparseColumn,
+    TaskColumn,
+    TrainConfig,
+    WeightingConfig,
+)
+from training.data import Encoded, LabelReport, PreparedData
+from training.train import load_checkpoint, parse_overrides, train
+
+TASKS = [
+    TaskColumn(name="ctr", label="click"),
+    TaskColumn(name="cvr", label="purchase", depends_on="ctr"),
+    TaskColumn(name="stay", label="stay", kind="regression"),
+]
+N_USERS, N_ITEMS = 20, 30
+
+
+def tiny_data(n: int = 3000, seed: int = 0) -> PreparedData:
+    """Click depends on price and on the item; conversion on age: a signal a tiny model finds."""
+    rng = np.random.default_rng(seed)
+    user = rng.integers(1, N_USERS + 1, n)
+    item = rng.integers(1, N_ITEMS + 1, n)
+    dense = rng.normal(size=(n, 2)).astype(np.float32)
+    item_effect = rng.normal(size=N_ITEMS + 1)
+    click = rng.random(n) < 1 / (1 + np.exp(-(-0.5 + 2.0 * dense[:, 0] + item_effect[item])))
+    cf_purchase = rng.random(n) < 1 / (1 + np.exp(-(-0.5 + 2.0 * dense[:, 1])))
+    stay = dense[:, 0] + 0.1 * rng.normal(size=n)
+
+    def split(rows: slice) -> Encoded:
+        return Encoded(
+            sparse=np.stack([user, item], axis=1)[rows].astype(np.int64),
+            dense=dense[rows],
+            labels={
+                "ctr": click[rows].astype(np.float32),
+                "cvr": (click & cf_purchase)[rows].astype(np.float32),
+                "stay": stay[rows].astype(np.float32),
+            },
+            groups=user[rows].astype(np.int64),
+            truth={"cf_purchase": cf_purchase[rows].astype(np.float32)},
+        )
+
+    spec = FeatureSpec(
+        sparse=[
+            SparseField(name="user", source="user", vocab=[f"u{i}" for i in range(N_USERS)]),
+            SparseField(name="item", source="item", vocab=[f"i{i}" for i in range(N_ITEMS)]),
+        ],
+        dense=[
+            DenseField(name="price", source="item", mean=0.0, std=1.0, default=0.0),
+            DenseField(name="age", source="user", mean=0.0, std=1.0, default=0.0),
+        ],
+        outputs=[TaskOutput(name=t.name, kind=t.kind) for t in TASKS],
+    )
+    a, b = int(0.7 * n), int(0.85 * n)
+    return PreparedData(
+        spec=spec,
+        train=split(slice(0, a)),
+        valid=split(slice(a, b)),
+        test=split(slice(b, n)),
+        label_report=LabelReport(policy="drop"),
+        fingerprint=f"tiny-{n}-{seed}",
+        path=Path("/nonexistent"),
+    )
+
+
+def config(**update: object) -> TrainConfig:
+    ds = DatasetSpec(
+        name="tiny",
+        train="unused.csv",
+        sparse=[SparseColumn(name="user"), SparseColumn(name="item")],
+        tasks=TASKS,
+        user_column="user",
+        truth_columns=["cf_purchase"],
+    )
+    model = ModelConfig(type="shared_bottom", embed_dim=4, bottom_units=[16], tower_units=[8])
+    base: dict[str, object] = {
+        "dataset": ds,
+        "model": model,
+        "epochs": 2,
+        "batch_size": 128,
+        "lr": 0.01,
+        "device": "cpu",
+    }
+    return TrainConfig.model_validate({**base, **update})
+
+
+def test_a_tiny_model_learns_the_planted_signal(tmp_path: Path) -> None:
+    result = train(config(epochs=3), tmp_path, tiny_data())
+    assert result.metrics["ctr_auc"] > 0.75
+    assert result.metrics["cvr_auc_entire_space"] > 0.65  # conversion signal reaches cvr
+    history = json.loads(result.history.read_text())
+    assert [h["epoch"] for h in history] == [1, 2, 3]
+    assert history[-1]["train_loss"]["ctr"] < history[0]["train_loss"]["ctr"]
+    assert history[0]["loss_weights"] == {"ctr": 1.0, "cvr": 1.0, "stay": 1.0}
+
+
+def _state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_same_seed_gives_identical_weights(tmp_path: Path) -> None:
+    data = tiny_data(1200)
+    runs = [
+        train(
+            config(
+                seed=s,
+                max_steps=6,
+                model={
+                    "type": "mmoe",
+                    "embed_dim": 4,
+                    "expert_units": [8],
+                    "n_experts": 2,
+                    "tower_units": [4],
+                },
+            ),
+            tmp_path / f"r{i}",
+            data,
+        ).model
+        for i, s in enumerate([3, 3, 4])
+    ]
+    a, b, c = (_state(m) for m in runs)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_early_stopping_stops_when_the_metric_stalls(tmp_path: Path) -> None:
+    # lr 1e-12 cannot move float32 weights: valid AUC is identical every epoch, never "better"
+    cfg = config(epochs=10, lr=1e-12, early_stopping=EarlyStopping(metric="ctr_auc", patience=2))
+    result = train(cfg, tmp_path, tiny_data(600))
+    assert result.stopped_early
+    assert (result.best_epoch, result.epochs_run) == (1, 3)
+
+
+def test_unknown_early_stopping_metric_is_a_config_error(tmp_path: Path) -> None:
+    cfg = config(epochs=1, early_stopping=EarlyStopping(metric="nope_auc", patience=1))
+    with pytest.raises(ConfigError, match="nope_auc"):
+        train(cfg, tmp_path, tiny_data(300))
+
+
+def test_checkpoint_carries_config_spec_and_reloads_identically(tmp_path: Path) -> None:
+    data = tiny_data(800)
+    cfg = config(epochs=1, model={"type": "esmm", "embed_dim": 4, "bottom_units": [8]})
+    result = train(cfg, tmp_path, data)
+    model, cfg2, spec, ckpt = load_checkpoint(result.best_checkpoint)
+    assert cfg2 == cfg
+    assert spec == data.spec
+    assert ckpt["epoch"] == 1 and ckpt["data_fingerprint"] == data.fingerprint
+    assert ckpt["metrics"]["ctr_auc"] == pytest.approx(result.metrics["ctr_auc"])
+    assert set(ckpt["loss_weights"]) == {"ctr", "cvr", "stay"}
+    batch = data.test.take(slice(0, 50))  # type: ignore[union-attr]
+    sparse, dense = torch.from_numpy(batch.sparse), torch.from_numpy(batch.dense)
+    result.model.eval()
+    with torch.no_grad():
+        want, got = result.model.predict(sparse, dense), model.predict(sparse, dense)
+    assert list(got) == ["ctr", "cvr", "stay", "ctcvr"]
+    for name in want:
+        assert torch.equal(want[name], got[name])
+
+
+def test_uncertainty_weights_are_learned_logged_and_saved(tmp_path: Path) -> None:
+    cfg = config(epochs=2, weighting=WeightingConfig(type="uncertainty"))
+    result = train(cfg, tmp_path, tiny_data(1500))
+    history = json.loads(result.history.read_text())
+    first = history[0]["loss_weights"]
+    assert first["stay"] != pytest.approx(0.5, abs=1e-3)  # moved from c * exp(0)
+    _, _, _, ckpt = load_checkpoint(result.best_checkpoint)
+    assert ckpt["weighting_state"]["log_vars"].shape == (3,)
+    assert not torch.equal(ckpt["weighting_state"]["log_vars"], torch.zeros(3))
+
+
+def test_parse_overrides_types_values() -> None:
+    got = parse_overrides(["lr=3e-4", "model.type=ple", "model.bottom_units=[8, 4]"])
+    assert got == {"lr": 3e-4, "model.type": "ple", "model.bottom_units": [8, 4]}
+    with pytest.raises(ConfigError):
+        parse_overrides(["oops"])
+
+
+# ---------------------------------------------------------------- DDP on gloo, 2 processes
+def _ddp_worker(rank: int, port: int, root: str) -> None:
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE="2",
+    )
+    torch.set_num_threads(1)
+    cfg = config(epochs=2, weighting=WeightingConfig(type="uncertainty"))
+    result = train(cfg, Path(root) / f"rank{rank}", tiny_data(2000))
+    state = {f"model.{k}": v for k, v in result.model.state_dict().items()}
+    state.update({f"weighting.{k}": v for k, v in result.weighting.state_dict().items()})
+    torch.save({"state": state, "metrics": result.metrics}, Path(root) / f"final{rank}.pt")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def test_ddp_on_gloo_keeps_ranks_identical(tmp_path: Path) -> None:
+    spawn(_ddp_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)  # type: ignore[no-untyped-call]
+    r0 = torch.load(tmp_path / "final0.pt", weights_only=True)
+    r1 = torch.load(tmp_path / "final1.pt", weights_only=True)
+    assert r0["state"].keys() == r1["state"].keys()
+    for k in r0["state"]:
+        assert torch.equal(r0["state"][k], r1["state"][k]), k
+    assert r0["metrics"]["ctr_auc"] > 0.75  # each rank saw half the data; together they learn
+    assert r0["metrics"] == r1["metrics"]  # same weights, same validation, same decisions
+    assert (tmp_path / "rank0" / "best.pt").exists()
+    assert not (tmp_path / "rank1").exists()  # only rank 0 writes
+    # the learned loss weights moved, and moved alike: their gradients are averaged too
+    assert not torch.equal(r0["state"]["weighting.log_vars"], torch.zeros(3))

@@ -1,0 +1,146 @@
+"""Entire Space Multi-task Model (ESMM) and its BASE baseline: Ma et al., "Entire Space Multi-Task
+Model: An Effective Approach for Estimating Post-Click Conversion Rate", SIGIR 2018.
+
+A funnel is a pair of binary tasks where the child ``depends_on`` the parent (cvr on ctr): a
+conversion can only follow a click. Training pCVR on clicked impressions only (BASE) suffers
+from sample selection bias (it is served on all impressions) and from data sparsity. ESMM
+instead models, over the entire impression space,
+
+    pCTCVR = pCTR x pCVR,
+
+and supervises pCTR with the click label and pCTCVR with click x conversion, both on all
+impressions; pCVR is never supervised directly. Both models share embeddings and a bottom
+(``esmm_bottom``: shared_bottom, mmoe or ple) and output ctr, cvr and ``ctcvr``. Tasks outside
+the funnel (cart, stay, ...) get their own towers on the same bottom and their ordinary losses.
+
+The funnel is found from the tasks' ``depends_on``, never from names: it is the FIRST task in
+dataset order that depends on another, with its parent. Further dependent tasks (cart and collect
+also follow a click in the ecommerce data) keep ordinary towers and the base model's conditional
+loss (on rows where the parent is positive), so an output such as ``cart`` means P(cart | click)
+whichever model produced it. The joint output is called ``ctcvr`` (the paper's name). BASE is
+exactly the base model's conditional training plus the joint output.
+
+Label weights (see models.base): BASE corrects each of ctr and cvr by its logit shift. For ESMM,
+the child's label weight w_c weights the positives of the CTCVR loss, whose prediction is a
+product, not one sigmoid, so no logit can be shifted. The correction is applied to the
+components instead: at the weighted optimum the CTR tower learns odds x w_p and the product learns
+ctcvr odds x w_c, so predict() divides the product's odds by w_c, takes ctr = sigmoid(logit -
+log w_p), and derives cvr = ctcvr / ctr (clipped to [0, 1]) and ctcvr = ctr x cvr. This is exact
+as long as the weighted ctcvr stays below the weighted ctr (w_c not much larger than w_p).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from mtrank.spec import FeatureSpec
+from training.config import ConfigError, ModelConfig, TaskColumn, TaskWeights
+from training.models.base import (
+    Bottom,
+    MultiTaskModel,
+    funnel_pairs,
+    probability_bce,
+)
+from training.models.mmoe import MMoEBottom
+from training.models.ple import PLEBottom
+from training.models.shared_bottom import SharedBottom
+
+JOINT = "ctcvr"
+_BOTTOMS: dict[str, type[Bottom]] = {
+    "shared_bottom": SharedBottom,
+    "mmoe": MMoEBottom,
+    "ple": PLEBottom,
+}
+
+
+class _FunnelModel(MultiTaskModel):
+    """Shared structure of ESMM and BASE; they differ in the child's loss and its calibration."""
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        spec: FeatureSpec,
+        tasks: Sequence[TaskColumn],
+        weights: Mapping[str, TaskWeights] | None = None,
+    ) -> None:
+        pairs = funnel_pairs(tasks)
+        if not pairs:
+            raise ConfigError(
+                f"model {type(self).__name__} needs a funnel: a task with depends_on (cvr on ctr)"
+            )
+        parent, child = pairs[0]  # the first dependent task in dataset order
+        if parent.kind != "binary" or child.kind != "binary":
+            raise ConfigError(f"funnel tasks {parent.name!r}, {child.name!r} must be binary")
+        if JOINT in {t.name for t in tasks}:
+            raise ConfigError(f"a task may not be named {JOINT!r}: it is the funnel's joint output")
+        super().__init__(cfg, spec, tasks, weights)
+        self.parent, self.child = parent.name, child.name
+        self.others = [n for n in self.task_names if n not in (self.parent, self.child)]
+
+    def build_bottom(self, cfg: ModelConfig, spec: FeatureSpec, n_towers: int) -> Bottom:
+        return _BOTTOMS[cfg.esmm_bottom](cfg, spec, n_towers)
+
+    @property
+    def output_names(self) -> list[str]:
+        return [*self.task_names, JOINT]
+
+    @property
+    def joint_outputs(self) -> dict[str, tuple[str, str]]:
+        return {JOINT: (self.parent, self.child)}
+
+
+class ESMMModel(_FunnelModel):
+    """ESMM: CTR loss and CTCVR loss on all impressions; the child's loss key is its task name."""
+
+    def compute_losses(
+        self,
+        outputs: Mapping[str, Tensor],
+        labels: Mapping[str, Tensor],
+        label_weights: Mapping[str, float] | None = None,
+    ) -> dict[str, Tensor]:
+        lw = self.label_weights if label_weights is None else label_weights
+        losses = {
+            n: self.task_loss_of(n, outputs, labels, lw) for n in self.task_names if n != self.child
+        }
+        a, b = outputs[self.parent], outputs[self.child]  # (B,), (B,) logits
+        y = labels[self.parent] * labels[self.child]  # (B,) click x conversion
+        log_p = F.logsigmoid(a) + F.logsigmoid(b)  # (B,) log pCTCVR
+        p = torch.exp(log_p).clamp(max=1.0 - 1e-7)  # (B,)
+        losses[self.child] = probability_bce(log_p, torch.log1p(-p), y, lw.get(self.child, 1.0))
+        return {n: losses[n] for n in self.task_names}
+
+    def loss_rows(self, name: str, labels: Mapping[str, Tensor]) -> float:
+        if name == self.child:  # the CTCVR loss covers every impression
+            return float(len(labels[name]))
+        return super().loss_rows(name, labels)
+
+    def predict(self, sparse: Tensor, dense: Tensor) -> dict[str, Tensor]:
+        raw = self(sparse, dense)
+        out = self.calibrated({n: raw[n] for n in self.task_names})
+        w_p, w_c = self.label_weights[self.parent], self.label_weights[self.child]
+        if w_p == 1.0 and w_c == 1.0:
+            ctr, cvr = out[self.parent], torch.sigmoid(raw[self.child])  # (B,), (B,)
+        else:
+            q = torch.sigmoid(raw[self.parent]) * torch.sigmoid(raw[self.child])  # (B,) weighted
+            ctcvr = q / (q + w_c * (1.0 - q))  # (B,) odds / w_c
+            ctr = out[self.parent]  # (B,) already shifted by log w_p
+            cvr = (ctcvr / ctr.clamp(min=1e-12)).clamp(0.0, 1.0)  # (B,)
+        out[self.child] = cvr
+        out[JOINT] = ctr * cvr  # (B,)
+        return out
+
+
+class BASEModel(_FunnelModel):
+    """The paper's BASE: the same network, CTR on all impressions, CVR on clicked ones only.
+
+    That is the base model's conditional loss unchanged (models.base); BASE adds ``ctcvr``.
+    """
+
+    def predict(self, sparse: Tensor, dense: Tensor) -> dict[str, Tensor]:
+        out = self.calibrated(self(sparse, dense))
+        out[JOINT] = out[self.parent] * out[self.child]  # (B,)
+        return out

@@ -44,6 +44,17 @@ class TaskColumn(_Strict):
     label: str
     kind: Literal["binary", "regression"] = "binary"
     depends_on: str | None = Field(None, description="funnel parent task (cvr depends on ctr)")
+    transform: Literal["none", "log1p"] = Field(
+        "none",
+        description="regression only: fit log1p(label) (heavy-tailed targets such as dwell "
+        "seconds); the exported output is inverted back to the label's units",
+    )
+
+    @model_validator(mode="after")
+    def _transform_needs_regression(self) -> TaskColumn:
+        if self.transform != "none" and self.kind != "regression":
+            raise ValueError(f"task {self.name!r}: transform applies to regression tasks only")
+        return self
 
 
 class DatasetSpec(_Strict):

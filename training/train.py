@@ -208,7 +208,8 @@ def _run_epoch(
     weight_sum = dict.fromkeys(model.task_names, 0.0)
     n_steps, seen, t0 = 0, 0, time.perf_counter()
     total = math.ceil(len(train) // c.world_size / cfg.batch_size)
-    bar = tqdm(total=total, desc=f"epoch {epoch}", disable=not c.main, leave=False)
+    # disable=None: draw only on a terminal (logs and CI stay readable), and only on rank 0
+    bar = tqdm(total=total, desc=f"epoch {epoch}", disable=None if c.main else True, leave=False)
     for batch in _batches(cfg, train, epoch, c):
         if cfg.max_steps is not None and step >= cfg.max_steps:
             break

@@ -290,3 +290,24 @@ def test_onnx_export_reproduces_predict(model_type: str) -> None:
     for name, arr in zip(model.output_names, got, strict=True):
         assert arr.shape == (64,)
         np.testing.assert_allclose(arr, expected[name].numpy(), atol=1e-5, err_msg=name)
+
+
+def test_log1p_regression_target_is_fitted_in_log_space_and_served_in_units() -> None:
+    tasks = [
+        *TASKS[:3],
+        TaskColumn(name="stay", label="stay", kind="regression", transform="log1p"),
+    ]
+    model = build_model(config("mmoe", tasks=tasks), SPEC).eval()
+    raw = {n: torch.zeros(4) for n in ("ctr", "cvr", "cart")} | {
+        "stay": torch.log1p(torch.tensor([0.0, 1.0, 9.0, 99.0]))
+    }
+    labels = {n: torch.zeros(4) for n in ("ctr", "cvr", "cart")} | {
+        "stay": torch.tensor([0.0, 1.0, 9.0, 99.0])
+    }
+    # a prediction equal to log1p(label) has zero loss ...
+    assert float(model.compute_losses(raw, labels)["stay"]) == pytest.approx(0.0, abs=1e-10)
+    # ... and predict() returns seconds again
+    out = model.calibrated(raw)
+    np.testing.assert_allclose(out["stay"].numpy(), [0.0, 1.0, 9.0, 99.0], rtol=1e-5)
+    with pytest.raises(ValueError, match="regression tasks only"):
+        TaskColumn(name="ctr", label="click", transform="log1p")

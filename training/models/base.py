@@ -10,6 +10,9 @@ rows where the parent label is positive, so its output is P(child | parent) for 
 — the meaning the fusion formula multiplies (``ctr * (alpha + cvr)``). This is the classic
 click-space CVR model (ESMM's BASE); ESMM replaces it for its funnel by the entire-space product.
 
+Regression targets declared ``transform: log1p`` (dwell seconds) are fitted in log space and
+``predict`` returns them in the label's units again.
+
 Label-weight calibration: training a binary task with positives weighted by w moves the optimal
 logit from log-odds(p) to log-odds(p) + log w (the weighted likelihood is maximised at odds
 w * p / (1 - p)). ``predict`` subtracts log w again so the exported probabilities stay calibrated.
@@ -80,6 +83,7 @@ class MultiTaskModel(nn.Module, ABC):
         self.task_names = [t.name for t in tasks]
         self.task_kinds = {t.name: t.kind for t in tasks}
         self.parents = {t.name: t.depends_on for t in tasks}
+        self.log_targets = {t.name for t in tasks if t.transform == "log1p"}
         self.label_weights = {
             t.name: weights.get(t.name, TaskWeights()).label_weight for t in tasks
         }
@@ -149,8 +153,10 @@ class MultiTaskModel(nn.Module, ABC):
         """The ordinary loss of one task (masked to its parent's positives when conditional)."""
         parent = self.parents[name]
         mask = None if parent is None else labels[parent]  # (B,) 1 where the parent happened
-        kind, weight = self.task_kinds[name], lw.get(name, 1.0)
-        return task_loss(outputs[name], labels[name], kind, weight, mask)
+        kind, weight, label = self.task_kinds[name], lw.get(name, 1.0), labels[name]
+        if name in self.log_targets:
+            label = torch.log1p(label.clamp(min=0.0))  # (B,) fit in log space
+        return task_loss(outputs[name], label, kind, weight, mask)
 
     def loss_rows(self, name: str, labels: Mapping[str, Tensor]) -> float:
         """How many rows ``name``'s loss averages over (to combine batch means exactly)."""
@@ -167,6 +173,8 @@ class MultiTaskModel(nn.Module, ABC):
             if self.task_kinds[name] == "binary":
                 shift = math.log(self.label_weights[name])
                 y = torch.sigmoid(y - shift) if shift != 0.0 else torch.sigmoid(y)  # (B,)
+            elif name in self.log_targets:
+                y = (torch.exp(y) - 1.0).clamp(min=0.0)  # (B,) back to the label units; ONNX has no expm1
             out[name] = y
         return out
 

@@ -1,0 +1,124 @@
+"""Prometheus metrics of the service, under the fixed names the dashboards and alerts use.
+
+One :class:`Metrics` object per app, on its own registry, so two apps in one process (tests) do
+not share counts. With several uvicorn workers ``PROMETHEUS_MULTIPROC_DIR`` is set: prometheus
+client then writes every value to per-process files, gauges declare how processes combine, and
+:meth:`Metrics.exposition` aggregates the files with a ``MultiProcessCollector``.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client.multiprocess import MultiProcessCollector
+
+STAGES = ("parse", "features", "inference", "fusion", "rules", "total")
+# Most requests land between 1 ms and 50 ms; the tail buckets catch timeouts and GC pauses.
+STAGE_BUCKETS = (
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05,
+    0.075, 0.1, 0.25, 0.5, 1.0, 2.5,
+)  # fmt: skip
+CANDIDATE_BUCKETS = (1, 10, 50, 100, 200, 500, 1000, 2000, 5000, 10000)
+
+
+def multiprocess_dir() -> str | None:
+    return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
+
+
+class Metrics:
+    """Every metric of HELPERS.md, exactly as named there."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(
+            "mtrank_requests", "Rank requests by scene and HTTP status", ["scene", "status"],
+            registry=r,
+        )  # fmt: skip
+        self.stage_seconds = Histogram(
+            "mtrank_request_stage_seconds", "Time spent per request stage", ["stage"],
+            buckets=STAGE_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.candidates = Histogram(
+            "mtrank_request_candidates", "Candidates per rank request",
+            buckets=CANDIDATE_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.feature_lookups = Counter(
+            "mtrank_feature_lookups", "Feature records looked up", ["entity"], registry=r
+        )
+        self.feature_misses = Counter(
+            "mtrank_feature_misses", "Feature records missing (defaults used)", ["entity"],
+            registry=r,
+        )  # fmt: skip
+        self.degraded = Counter(
+            "mtrank_degraded_responses", "Responses served in a degraded mode", ["reason"],
+            registry=r,
+        )  # fmt: skip
+        self.items_dropped = Counter(
+            "mtrank_items_dropped", "Candidates dropped by a rule", ["reason"], registry=r
+        )
+        self.rule_effects = Counter(
+            "mtrank_rule_effects", "Items touched by a re-rank rule", ["rule"], registry=r
+        )
+        # max over live workers: a version any live worker serves shows 1.
+        self.model_info = Gauge(
+            "mtrank_model_info", "Loaded model versions (1 = serving)", ["name", "version"],
+            registry=r, multiprocess_mode="livemax",
+        )  # fmt: skip
+        self.model_reloads = Counter(
+            "mtrank_model_reloads", "Model / config reload attempts", ["result"], registry=r
+        )
+        self.errors = Counter(
+            "mtrank_errors", "Error responses by error class", ["type"], registry=r
+        )
+        # min over live workers: one worker that cannot reach the store shows the store down.
+        self.feature_store_up = Gauge(
+            "mtrank_feature_store_up", "Feature store reachable (1) or not (0)",
+            registry=r, multiprocess_mode="livemin",
+        )  # fmt: skip
+        # Children created up front so every fixed series is visible from the first scrape.
+        for stage in STAGES:
+            self.stage_seconds.labels(stage=stage)
+        for entity in ("user", "item"):
+            self.feature_lookups.labels(entity=entity)
+            self.feature_misses.labels(entity=entity)
+
+    @contextmanager
+    def stage(self, name: str, timings: dict[str, float] | None = None) -> Iterator[None]:
+        """Time a block into ``mtrank_request_stage_seconds{stage=name}`` (and ``timings``)."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            elapsed = time.perf_counter() - start
+            self.stage_seconds.labels(stage=name).observe(elapsed)
+            if timings is not None:
+                timings[name] = elapsed
+
+    def set_models(self, versions: list[tuple[str, str]], previous: list[tuple[str, str]]) -> None:
+        """Mark ``versions`` as serving and any other ``previous`` version as not."""
+        for name, version in previous:
+            if (name, version) not in versions:
+                self.model_info.labels(name=name, version=version).set(0)
+        for name, version in versions:
+            self.model_info.labels(name=name, version=version).set(1)
+
+    def exposition(self) -> tuple[bytes, str]:
+        """The text format for ``GET /metrics``, aggregated over workers in multiprocess mode."""
+        path = multiprocess_dir()
+        if path is None:
+            return generate_latest(self.registry), CONTENT_TYPE_LATEST
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry, path=path)  # type: ignore[no-untyped-call]
+        return generate_latest(registry), CONTENT_TYPE_LATEST

@@ -1,0 +1,290 @@
+"""Per-scene ranking configuration: the fusion formula and the re-rank rules of each scene.
+
+One YAML file (default: ``service/config/ranking.yaml``) maps scene names to a
+:class:`SceneConfig`. Everything is checked when the file is loaded, before the service takes
+traffic: an unknown key, a bad value or a formula that does not compile stops start-up with a
+:class:`RankingConfigError` naming the file and the key path, e.g.
+``ranking.yaml: scenes.home.rules.diversity[0].window: must be >= 1``.
+
+Names a formula may use (:func:`load_ranking_config`):
+
+* the names the caller passes as ``allowed_names``: the model's task outputs (and any request
+  fields the pipeline supplies). A formula using an output the model does not have (``stay`` on
+  a model without a stay task) is a load-time error, never a silent 1: a silently missing term
+  would change the ranking without anyone noticing;
+* the item attributes in :data:`FORMULA_ITEM_ATTRIBUTES` (``price``, ``quality``, ``promoted``);
+* ``rule_weight``: the product of the scene's boost/demotion multipliers (service/rules.py);
+* the scene's fusion ``params``, folded in as constants.
+
+A scene without ``fusion``/``fusion_file`` uses the ``default`` scene's fusion; ``default`` is
+required and is what a request without a scene gets.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    FiniteFloat,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from mtrank.snapshot import ITEM_ATTRIBUTES
+from service.fusion import (
+    Formula,
+    FusionConfig,
+    FusionError,
+    load_fusion_file,
+    strict_yaml_load,
+    validation_message,
+)
+
+DEFAULT_SCENE = "default"
+RULE_WEIGHT = "rule_weight"
+# Item attributes a formula may read; the pipeline puts these arrays into the formula's env.
+FORMULA_ITEM_ATTRIBUTES: tuple[str, ...] = ("price", "quality", "promoted")
+# Attribute name -> numpy dtype, from the snapshot record layout (the rules read these columns).
+ATTRIBUTE_DTYPES: dict[str, np.dtype[Any]] = {n: np.dtype(t) for n, t in ITEM_ATTRIBUTES}
+INT_ATTRIBUTES = frozenset(n for n, t in ATTRIBUTE_DTYPES.items() if t.kind in "iu")
+
+
+class RankingConfigError(ValueError):
+    """The ranking config does not load; the message starts with ``FILE: key.path:``."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _known_attribute(field: str, allowed: Iterable[str]) -> str:
+    allowed = sorted(allowed)
+    if field not in allowed:
+        raise ValueError(f"unknown item attribute {field!r} (known: {', '.join(allowed)})")
+    return field
+
+
+class ExposureCap(_Strict):
+    """Daily exposure cap: items shown ``cap`` times today are not ranked again today."""
+
+    enabled: bool = True
+    default_daily_cap: int = Field(10_000, ge=1, description="cap of items whose own cap is < 0")
+
+
+class Condition(_Strict):
+    """One test on an item attribute. ``within_days``: ``0 <= today - value_of_field < value``.
+
+    ``in`` takes a list; every other op takes one number. Comparisons are in float64.
+    """
+
+    field: str
+    op: Literal["eq", "ne", "lt", "le", "gt", "ge", "in", "within_days"]
+    value: FiniteFloat | list[FiniteFloat]
+
+    @field_validator("field")
+    @classmethod
+    def _field(cls, v: str) -> str:
+        return _known_attribute(v, ATTRIBUTE_DTYPES)
+
+    @model_validator(mode="after")
+    def _value_fits_op(self) -> Condition:
+        if (self.op == "in") != isinstance(self.value, list):
+            want = "a list" if self.op == "in" else "a single number"
+            raise ValueError(f"op {self.op!r} takes {want} as value")
+        if self.op == "within_days":
+            if self.field not in INT_ATTRIBUTES:
+                raise ValueError(f"within_days needs an integer day field, not {self.field!r}")
+            if not (isinstance(self.value, float) and self.value >= 1):
+                raise ValueError("within_days needs a value >= 1 (days)")
+        return self
+
+
+class _Rule(_Strict):
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    when: list[Condition] = Field(min_length=1, description="all must hold")
+    multiplier: float
+
+
+class Boost(_Rule):
+    """Multiply the rule weight of matching items by ``multiplier`` (>= 1)."""
+
+    multiplier: float = Field(ge=1.0, allow_inf_nan=False)
+
+
+class Demotion(_Rule):
+    """Multiply the rule weight of matching items by ``multiplier`` (in (0, 1])."""
+
+    multiplier: float = Field(gt=0.0, le=1.0)
+
+
+class DiversityConstraint(_Strict):
+    """In any ``window`` consecutive output positions at most ``max_count`` share ``field``."""
+
+    field: str
+    window: int = Field(ge=1)
+    max_count: int = Field(ge=1)
+
+    @field_validator("field")
+    @classmethod
+    def _field(cls, v: str) -> str:
+        return _known_attribute(v, INT_ATTRIBUTES)
+
+
+class RulesConfig(_Strict):
+    """Re-rank rules of one scene, applied in the order documented in service/rules.py."""
+
+    exposure_cap: ExposureCap = ExposureCap()
+    boosts: list[Boost] = []
+    demotions: list[Demotion] = []
+    diversity: list[DiversityConstraint] = []
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> RulesConfig:
+        names = [r.name for r in [*self.boosts, *self.demotions]]
+        dup = next((n for i, n in enumerate(names) if n in names[:i]), None)
+        if dup is not None:
+            raise ValueError(f"rule name {dup!r} is used twice (boosts and demotions share names)")
+        return self
+
+
+class SceneConfig(_Strict):
+    """One scene: fusion inline or in a file (relative to the YAML), plus its rules."""
+
+    fusion: FusionConfig | None = None
+    fusion_file: str | None = None
+    rules: RulesConfig = RulesConfig()
+
+    @model_validator(mode="after")
+    def _one_fusion(self) -> SceneConfig:
+        if self.fusion is not None and self.fusion_file is not None:
+            raise ValueError("give fusion or fusion_file, not both")
+        return self
+
+
+class RankingConfig(_Strict):
+    """All scenes; build it with :func:`load_ranking_config` so the formulas are compiled."""
+
+    scenes: dict[str, SceneConfig]
+    _formulas: dict[str, Formula] = PrivateAttr(default_factory=dict)
+
+    @field_validator("scenes")
+    @classmethod
+    def _has_default(cls, v: dict[str, SceneConfig]) -> dict[str, SceneConfig]:
+        if DEFAULT_SCENE not in v:
+            raise ValueError(f"a scene named {DEFAULT_SCENE!r} is required")
+        return v
+
+    def scene(self, name: str | None) -> SceneConfig:
+        """The scene's config; ``None`` means the default scene. Unknown names raise KeyError."""
+        key = DEFAULT_SCENE if name is None else name
+        if key not in self.scenes:
+            raise KeyError(f"unknown scene {key!r} (known: {', '.join(sorted(self.scenes))})")
+        return self.scenes[key]
+
+    def formula(self, name: str | None) -> Formula:
+        """The scene's compiled formula (compiled once, at load)."""
+        key = DEFAULT_SCENE if name is None else name
+        self.scene(key)
+        if key not in self._formulas:
+            raise RuntimeError("formulas are compiled by load_ranking_config / compile_formulas")
+        return self._formulas[key]
+
+    def compile_formulas(self, inputs: Iterable[str]) -> None:
+        """Compile every scene's (resolved) fusion against ``inputs``; raises FusionError."""
+        self._formulas = {n: _fusion_of(self, n).compile(inputs) for n in self.scenes}
+
+
+def _fusion_of(config: RankingConfig, scene: str) -> FusionConfig:
+    fusion = config.scenes[scene].fusion or config.scenes[DEFAULT_SCENE].fusion
+    if fusion is None:
+        raise FusionError(f"scenes.{DEFAULT_SCENE}: needs fusion or fusion_file")
+    return fusion
+
+
+def formula_inputs(
+    outputs: Mapping[str, Any],
+    attrs: Any,
+    rule_weight: Any,
+    extra: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The env a scene formula evaluates in: model outputs, item attributes, rule_weight, extras.
+
+    ``attrs`` is an item record array (mtrank.snapshot layout) or a mapping of columns.
+    """
+    env: dict[str, Any] = dict(outputs)
+    env.update({name: attrs[name] for name in FORMULA_ITEM_ATTRIBUTES})
+    env[RULE_WEIGHT] = rule_weight
+    env.update(extra or {})
+    return env
+
+
+def _resolve_files(config: RankingConfig, path: Path) -> RankingConfig:
+    scenes = dict(config.scenes)
+    for name, scene in config.scenes.items():
+        if scene.fusion_file is None:
+            continue
+        try:
+            fusion = load_fusion_file(path.parent / scene.fusion_file)
+        except FusionError as e:
+            raise RankingConfigError(f"{path}: scenes.{name}.fusion_file: {e}") from e
+        scenes[name] = scene.model_copy(update={"fusion": fusion})
+    if scenes[DEFAULT_SCENE].fusion is None:
+        raise RankingConfigError(f"{path}: scenes.{DEFAULT_SCENE}: needs fusion or fusion_file")
+    return config.model_copy(update={"scenes": scenes})
+
+
+def _compile(config: RankingConfig, path: Path, inputs: frozenset[str]) -> None:
+    formulas: dict[str, Formula] = {}
+    for name, scene in config.scenes.items():
+        own = scene.fusion is not None
+        where = f"scenes.{name}" if own else f"scenes.{DEFAULT_SCENE} (used by scene {name!r})"
+        if scene.fusion_file is not None:
+            where += f".fusion_file ({scene.fusion_file})"
+        try:
+            formulas[name] = _fusion_of(config, name).compile(inputs)
+        except FusionError as e:
+            raise RankingConfigError(
+                f"{path}: {where}.fusion.{e.key or 'formula'}: {e.detail}"
+            ) from e
+        rules = scene.rules
+        if (rules.boosts or rules.demotions) and RULE_WEIGHT not in formulas[name].names:
+            raise RankingConfigError(
+                f"{path}: scenes.{name}.rules: boosts/demotions are configured but the formula "
+                f"does not use {RULE_WEIGHT}, so they would have no effect"
+            )
+    config._formulas = formulas
+
+
+def load_ranking_config(
+    path: str | os.PathLike[str], allowed_names: Iterable[str]
+) -> RankingConfig:
+    """Load, validate and compile a ranking config.
+
+    ``allowed_names`` are the model's output names (plus request fields the pipeline supplies);
+    item attributes, ``rule_weight`` and each scene's params are added here.
+    """
+    path = Path(path)
+    try:
+        data = strict_yaml_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as e:
+        raise RankingConfigError(f"{path}: cannot read ranking config: {e}") from e
+    if not isinstance(data, dict):
+        raise RankingConfigError(f"{path}: expected a mapping with key 'scenes'")
+    try:
+        config = RankingConfig.model_validate(data)
+    except ValidationError as e:
+        raise RankingConfigError(f"{path}: {validation_message(e)}") from e
+    config = _resolve_files(config, path)
+    inputs = frozenset(allowed_names) | set(FORMULA_ITEM_ATTRIBUTES) | {RULE_WEIGHT}
+    _compile(config, path, inputs)
+    return config

@@ -1,0 +1,119 @@
+"""ONNX export: parity gate on every architecture, atomic publish, metadata."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+
+from mtrank.registry import Registry, sha256_file
+from mtrank.spec import FeatureSpec
+from tests.support.trained import TrainedWorld, ecommerce_config
+from training import export as export_module
+from training.export import ExportError, export, parity_inputs
+from training.train import load_checkpoint, train
+
+
+@pytest.fixture(scope="module", params=["esmm", "ple", "mmoe_attention"])
+def other_checkpoint(
+    request: pytest.FixtureRequest,
+    trained_world: TrainedWorld,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Path:
+    """A few training steps of another architecture on the same prepared data."""
+    out = tmp_path_factory.mktemp(request.param)
+    cfg = ecommerce_config(trained_world.data_dir, request.param, out_dir=out,
+                           max_steps=8, epochs=1)  # fmt: skip
+    return train(cfg, out, trained_world.data).best_checkpoint
+
+
+def _onnx_vs_torch(ckpt: Path, mv_path: Path, rows: int = 1000) -> dict[str, float]:
+    model, _, _, _ = load_checkpoint(ckpt)
+    spec = FeatureSpec.load(mv_path)
+    sparse, dense = parity_inputs(spec, rows, seed=123)
+    assert (sparse == 0).all(axis=1).any(), "parity rows must include fully out-of-vocabulary rows"
+    with torch.no_grad():
+        want = model.predict(torch.from_numpy(sparse), torch.from_numpy(dense))
+    sess = ort.InferenceSession(str(mv_path / "model.onnx"), providers=["CPUExecutionProvider"])
+    got = sess.run(None, {"sparse_ids": sparse, "dense_values": dense})
+    names = [o.name for o in sess.get_outputs()]
+    return {n: float(np.max(np.abs(g - want[n].numpy()))) for n, g in zip(names, got, strict=True)}
+
+
+def test_mmoe_export_matches_torch_and_records_metadata(trained_world: TrainedWorld) -> None:
+    mv = trained_world.model
+    diffs = _onnx_vs_torch(trained_world.checkpoint, mv.path)
+    assert set(diffs) == {"ctr", "cvr", "cart", "collect", "stay"}
+    assert max(diffs.values()) <= 1e-5
+    meta = mv.metadata()
+    assert meta["onnx_sha256"] == sha256_file(mv.model_path)
+    assert meta["spec_sha256"] == trained_world.spec.sha256()
+    assert meta["parity"]["rows"] >= 1000
+    assert max(meta["parity"]["max_abs_diff"].values()) <= 1e-5
+    assert meta["model_type"] == "mmoe"
+    assert meta["metrics"]["ctr_auc"] > 0.5
+    assert set(meta["versions"]) >= {"torch", "onnx", "onnxruntime"}
+    assert meta["data_fingerprint"] == trained_world.data.fingerprint
+    assert [o["name"] for o in meta["outputs"]] == trained_world.spec.task_names
+    # dynamic batch axis: any batch size runs
+    sess = ort.InferenceSession(str(mv.model_path), providers=["CPUExecutionProvider"])
+    for b in (1, 7, 333):
+        out = sess.run(None, {"sparse_ids": np.zeros((b, len(trained_world.spec.sparse)), np.int64),
+                              "dense_values": np.zeros((b, len(trained_world.spec.dense)),
+                                                       np.float32)})  # fmt: skip
+        assert all(o.shape == (b,) for o in out)
+
+
+def test_other_architectures_export_with_parity(other_checkpoint: Path, tmp_path: Path) -> None:
+    mv = export(other_checkpoint, "arch", tmp_path)
+    diffs = _onnx_vs_torch(other_checkpoint, mv.path)
+    assert max(diffs.values()) <= 1e-5
+    if mv.metadata()["model_type"] == "esmm":
+        assert "ctcvr" in diffs  # ESMM serves ctr, cvr and ctcvr
+    assert Registry(tmp_path).current("arch") == mv.version
+
+
+def test_failed_parity_publishes_nothing_and_keeps_current(
+    trained_world: TrainedWorld, tmp_path: Path
+) -> None:
+    reg = Registry(tmp_path)
+    good = export(trained_world.checkpoint, "shop", tmp_path)
+    with pytest.raises(ExportError, match="parity check failed"):
+        export(trained_world.checkpoint, "shop", tmp_path, tolerance=-1.0)
+    assert reg.current("shop") == good.version
+    assert reg.versions("shop") == [good.version]
+    assert [p.name for p in reg.model_dir("shop").iterdir() if p.name.startswith(".")] == []
+
+
+def test_export_crash_after_writing_leaves_no_version(
+    trained_world: TrainedWorld, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    reg = Registry(tmp_path)
+    good = export(trained_world.checkpoint, "shop", tmp_path)
+
+    def boom(*args: object, **kwargs: object) -> dict[str, object]:
+        raise OSError("disk full")
+
+    monkeypatch.setattr(export_module, "_metadata", boom)
+    with pytest.raises(OSError, match="disk full"):
+        export(trained_world.checkpoint, "shop", tmp_path)
+    assert reg.versions("shop") == [good.version]
+    assert reg.current("shop") == good.version
+    assert not any(p.name.startswith(".staging") for p in reg.model_dir("shop").iterdir())
+
+
+def test_export_cli_no_promote(trained_world: TrainedWorld, tmp_path: Path,
+                               capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+    rc = export_module.main(["--checkpoint", str(trained_world.checkpoint), "--name", "cli",
+                             "--root", str(tmp_path), "--no-promote"])  # fmt: skip
+    assert rc == 0
+    assert "parity: max |diff|" in capsys.readouterr().out
+    reg = Registry(tmp_path)
+    assert reg.current("cli") is None
+    assert len(reg.versions("cli")) == 1
+    meta = json.loads((reg.model_dir("cli") / reg.versions("cli")[0] / "metadata.json").read_text())
+    assert meta["name"] == "cli"

@@ -66,7 +66,7 @@ class ModelRef(BaseModel):
 
 class RankedItem(BaseModel):
     item_id: str
-    score: float
+    score: float | None = Field(description="null when the fused score is not finite (ranked last)")
     explain: dict[str, Any] | None = None
 
 
@@ -233,9 +233,15 @@ def _lenient_json(body: bytes, error: orjson.JSONDecodeError) -> Any:
     holds one (a 422 naming ``candidates[3].price`` instead of "invalid JSON").
     """
     try:
-        return json.loads(body)
-    except (ValueError, UnicodeDecodeError) as e:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
+        # RecursionError: nesting deeper than the interpreter's stack (e.g. 10,000 levels of [).
         raise InvalidRequest(f"body is not valid JSON: {error}", field="body") from e
+    try:  # orjson also refuses lone surrogates (\ud800): text no key or response can encode
+        json.dumps(data, ensure_ascii=False).encode()
+    except UnicodeEncodeError as e:
+        raise InvalidRequest("body holds an unpaired surrogate escape", field="body") from e
+    return data
 
 
 _FIELDS = frozenset({"user_id", "candidates", "size", "scene", "context", "explain"})

@@ -186,6 +186,7 @@ class RedisFeatureStore:
             "read snapshot pointer", self._client.get(pointer_key(self.namespace))
         )
         if raw is None:
+            self._serving = None  # the data is gone (Redis restarted empty): stop reading it
             raise FeatureStoreUnavailable(
                 f"no feature snapshot loaded in Redis namespace {self.namespace!r} "
                 f"(key {pointer_key(self.namespace)!r} is missing): run `mtrank features load`"
@@ -308,7 +309,7 @@ class RedisFeatureStore:
         """True when Redis answers and a snapshot compatible with the spec is being served."""
         try:
             await self._guarded("ping", self._client.ping())
-            await self._serving_version()
+            await self.resolve_snapshot()  # the pointer itself: an emptied Redis is not ready
         except FeatureStoreError as e:
             self.last_error = str(e)
             return False

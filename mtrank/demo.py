@@ -61,7 +61,15 @@ def ensure_model(reg: Registry, name: str, data_dir: Path, epochs: int) -> None:
     out = Path("runs") / f"demo-{name}"
     cfg = load_train_config(
         _configs_dir() / "ecommerce_mmoe.yaml",
-        {**splits, "epochs": epochs, "out_dir": str(out), "seed": SEED},
+        # Smaller batches and a higher rate than the 1M-row config: ~100k rows get enough steps.
+        {
+            **splits,
+            "epochs": epochs,
+            "batch_size": 512,
+            "lr": 0.003,
+            "out_dir": str(out),
+            "seed": SEED,
+        },  # fmt: skip
     )
     _say(f"no model under {reg.root}/{name}: training an MMoE ({epochs} epochs) ...")
     t0 = time.perf_counter()

@@ -18,13 +18,10 @@ from mtrank.registry import Registry, RegistryError
 
 
 def _metric_summary(meta: dict[str, Any]) -> str:
+    """``ctr_auc=0.7312 cvr_auc=…`` from the flat validation metrics the trainer records."""
     metrics = meta.get("metrics") or {}
-    parts = []
-    for task, values in sorted(metrics.items()):
-        if isinstance(values, dict):
-            for key in ("auc", "rmse"):
-                if isinstance(values.get(key), int | float):
-                    parts.append(f"{task}.{key}={values[key]:.4f}")
+    keys = sorted(k for k in metrics if k.endswith(("_auc", "_rmse")) and "_ctcvr" not in k)
+    parts = [f"{k}={metrics[k]:.4f}" for k in keys if isinstance(metrics[k], int | float)]
     return " ".join(parts) or "-"
 
 

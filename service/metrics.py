@@ -93,6 +93,10 @@ class Metrics:
         for entity in ("user", "item"):
             self.feature_lookups.labels(entity=entity)
             self.feature_misses.labels(entity=entity)
+        # A counter series born at 1 makes increase() miss its first event (the reload-failure
+        # alert would stay silent for the first bad model): start both results at 0.
+        for result in ("success", "failure"):
+            self.model_reloads.labels(result=result)
 
     @contextmanager
     def stage(self, name: str, timings: dict[str, float] | None = None) -> Iterator[None]:

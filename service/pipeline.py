@@ -325,6 +325,9 @@ class Ranker:
         reasons: list[str] = []
         if not self.manager.loaded:
             reasons.append("model_not_loaded")
+        elif self._rejected is not None:
+            # the watcher swapped in models the ranking config does not fit; older ones serve
+            reasons.append("models_rejected_by_ranking_config")
         up = await self.store.ping()
         self.metrics.feature_store_up.set(1 if up else 0)
         if not up:

@@ -7,6 +7,7 @@ request. Lists accept either JSON (``["a","b"]``) or a comma-separated string (`
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -89,6 +90,11 @@ def load_settings(**overrides: Any) -> Settings:
 
     The message lists every bad key as its environment variable, e.g. ``MTRANK_PORT``.
     """
+    fields = {ENV_PREFIX + name.upper() for name in Settings.model_fields}
+    unknown = sorted(k for k in os.environ if k.startswith(ENV_PREFIX) and k not in fields)
+    if unknown:
+        # A misspelt setting would otherwise be ignored and its default silently used.
+        raise SettingsError(f"unknown setting(s) {', '.join(unknown)}: see docs/configuration.md")
     try:
         return Settings(**overrides)
     except ValidationError as e:

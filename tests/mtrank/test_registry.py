@@ -15,7 +15,7 @@ def _build(reg: Registry, name: str, payload: bytes = b"onnx") -> Path:
     staging = reg.staging_dir(name)
     (staging / MODEL_FILE).write_bytes(payload)
     (staging / "metadata.json").write_text(
-        json.dumps({"model_type": "mmoe", "metrics": {"ctr": {"auc": 0.71}}})
+        json.dumps({"model_type": "mmoe", "metrics": {"ctr_auc": 0.71, "stay_rmse": 2.5}})
     )
     return staging
 
@@ -76,5 +76,5 @@ def test_models_cli_list_and_promote(tmp_path: Path, capsys: pytest.CaptureFixtu
     out = capsys.readouterr().out
     assert "current none -> v2" in out
     assert "* v2" in out and "  v1" in out
-    assert "ctr.auc=0.7100" in out
+    assert "ctr_auc=0.7100 stay_rmse=2.5000" in out
     assert models_cli.main(["--root", str(tmp_path), "promote", "shop", "nope"]) == 1

@@ -69,3 +69,9 @@ def test_settings_are_frozen() -> None:
     s = Settings(ranking_config=Path(__file__))
     with pytest.raises(ValueError, match="frozen"):
         s.port = 1  # type: ignore[misc]
+
+
+def test_a_misspelt_setting_stops_start_up(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MTRANK_REDIS_ULR", "redis://typo:6379/0")
+    with pytest.raises(SettingsError, match="unknown setting.*MTRANK_REDIS_ULR"):
+        load_settings()

@@ -20,7 +20,7 @@ from typing import Any
 
 import redis
 
-REDIS_URL = os.environ.get("MTRANK_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 
 
 def unique_namespace(prefix: str = "test") -> str:

@@ -14,7 +14,7 @@ from mtrank.registry import Registry, sha256_file
 from mtrank.spec import FeatureSpec
 from tests.support.trained import TrainedWorld, ecommerce_config
 from training import export as export_module
-from training.export import ExportError, export, parity_inputs
+from training.export import ExportError, export, parity_error, parity_inputs
 from training.train import load_checkpoint, train
 
 
@@ -41,7 +41,7 @@ def _onnx_vs_torch(ckpt: Path, mv_path: Path, rows: int = 1000) -> dict[str, flo
     sess = ort.InferenceSession(str(mv_path / "model.onnx"), providers=["CPUExecutionProvider"])
     got = sess.run(None, {"sparse_ids": sparse, "dense_values": dense})
     names = [o.name for o in sess.get_outputs()]
-    return {n: float(np.max(np.abs(g - want[n].numpy()))) for n, g in zip(names, got, strict=True)}
+    return {n: parity_error(g, want[n].numpy()) for n, g in zip(names, got, strict=True)}
 
 
 def test_mmoe_export_matches_torch_and_records_metadata(trained_world: TrainedWorld) -> None:
@@ -75,6 +75,12 @@ def test_other_architectures_export_with_parity(other_checkpoint: Path, tmp_path
     if mv.metadata()["model_type"] == "esmm":
         assert "ctcvr" in diffs  # ESMM serves ctr, cvr and ctcvr
     assert Registry(tmp_path).current("arch") == mv.version
+
+
+def test_parity_error_is_absolute_for_probabilities_relative_for_large_values() -> None:
+    assert parity_error(np.array([0.5, 0.2]), np.array([0.5, 0.2 + 3e-6])) == pytest.approx(3e-6)
+    assert parity_error(np.array([100.0]), np.array([100.001])) == pytest.approx(1e-5, rel=1e-3)
+    assert parity_error(np.array([3.0]), np.array([2.0])) == pytest.approx(0.5)
 
 
 def test_failed_parity_publishes_nothing_and_keeps_current(

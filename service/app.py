@@ -87,6 +87,7 @@ async def start_services(settings: Settings, metrics: Metrics) -> Services:
         providers=settings.ort_providers,
         intra_op_threads=settings.ort_intra_threads,
         on_reload=_reload_hook(metrics),
+        variant=settings.model_variant,
     )
     await asyncio.to_thread(manager.reload, raise_on_error=True)
     spec = manager.current().spec

@@ -126,11 +126,17 @@ class ModelRuntime:
         intra_op_threads: int = 1,
         inter_op_threads: int = 1,
         warmup_sizes: Sequence[int] = WARMUP_SIZES,
+        variant: str = "fp32",
     ) -> ModelRuntime:
-        """Open, validate and warm one model version; ModelLoadError says what is wrong."""
+        """Open, validate and warm one model version; ModelLoadError says what is wrong.
+
+        ``variant`` picks the graph: ``fp32`` (model.onnx) or one the exporter recorded under
+        ``metadata.json`` ``variants`` (``int8``), with its own checksum and stated accuracy.
+        """
         start = time.perf_counter()
         where = f"model {model_version.name}/{model_version.version} ({model_version.path})"
         spec, metadata = _read_contract(model_version, where)
+        graph = _variant_file(model_version, metadata, variant, where)
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
@@ -138,11 +144,9 @@ class ModelRuntime:
         options.inter_op_num_threads = inter_op_threads
         chosen = resolve_providers(providers)
         try:
-            session = ort.InferenceSession(
-                str(model_version.model_path), sess_options=options, providers=chosen
-            )
+            session = ort.InferenceSession(str(graph), sess_options=options, providers=chosen)
         except Exception as e:  # ORT raises its own pybind classes (InvalidProtobuf, Fail, ...)
-            raise ModelLoadError(f"{where}: onnxruntime cannot load model.onnx: {e}") from e
+            raise ModelLoadError(f"{where}: onnxruntime cannot load {graph.name}: {e}") from e
         problems = graph_problems(session, spec)
         if problems:
             raise ModelLoadError(f"{where} does not match its spec.json: " + "; ".join(problems))
@@ -187,6 +191,21 @@ class ModelRuntime:
             name: np.asarray(o).reshape(n)  # (N,) from (N,) or (N, 1)
             for name, o in zip(self.output_names, outs, strict=True)
         }
+
+
+def _variant_file(mv: ModelVersion, metadata: dict[str, Any], variant: str, where: str) -> Path:
+    """The graph file of ``variant``; a variant's checksum is verified like model.onnx's."""
+    if variant == "fp32":
+        return mv.model_path
+    info = (metadata.get("variants") or {}).get(variant)
+    if not isinstance(info, dict) or "file" not in info:
+        raise ModelLoadError(
+            f"{where}: no {variant!r} variant was exported (mtrank export --quantize int8)"
+        )
+    path = mv.path / Path(str(info["file"])).name
+    if not path.is_file() or sha256_file(path) != info.get("sha256"):
+        raise ModelLoadError(f"{where}: {path.name} is missing or does not match its sha256")
+    return path
 
 
 def _read_contract(mv: ModelVersion, where: str) -> tuple[FeatureSpec, dict[str, Any]]:
@@ -295,6 +314,7 @@ class ModelManager:
         inter_op_threads: int = 1,
         warmup_sizes: Sequence[int] = WARMUP_SIZES,
         on_reload: Callable[[ReloadResult], None] | None = None,
+        variant: str = "fp32",
     ) -> None:
         if not names:
             raise ModelLoadError("no model names to serve")
@@ -305,6 +325,7 @@ class ModelManager:
             "intra_op_threads": intra_op_threads,
             "inter_op_threads": inter_op_threads,
             "warmup_sizes": tuple(warmup_sizes),
+            "variant": variant,
         }
         self.on_reload = on_reload
         self.reloads: dict[str, int] = {"success": 0, "failure": 0, "unchanged": 0}

@@ -47,6 +47,9 @@ class Settings(BaseSettings):
     max_candidates: int = Field(2000, ge=1, le=100_000)
     max_body_bytes: int = Field(1 << 20, ge=1024)
     redis_timeout_ms: int = Field(50, ge=1, le=60_000)
+    model_variant: Literal["fp32", "int8"] = Field(
+        "fp32", description="graph to serve: model.onnx, or the int8 variant the export recorded"
+    )
     ort_providers: str = Field("auto", description="'auto' or a comma-separated provider list")
     ort_intra_threads: int = Field(1, ge=0, le=256)
     inference_threads: int = Field(2, ge=1, le=64, description="executor threads for ONNX runs")

@@ -39,9 +39,13 @@ from torch import nn
 
 from mtrank.registry import METADATA_FILE, MODEL_FILE, ModelVersion, Registry, sha256_file
 from mtrank.spec import FeatureSpec
+from training.config import TrainConfig
+from training.data import Batch, prepare
+from training.metrics import auc, rmse
 from training.models.base import MultiTaskModel
 from training.train import load_checkpoint
 
+INT8_FILE = "model.int8.onnx"
 OPSET = 17
 PARITY_ROWS = 1024
 PARITY_TOLERANCE = 1e-5
@@ -135,6 +139,54 @@ def output_spec(model: MultiTaskModel, spec: FeatureSpec) -> FeatureSpec:
     return spec.model_copy(update={"outputs": model.outputs})
 
 
+def _variant_metrics(
+    path: Path, spec: FeatureSpec, cfg: TrainConfig, batch: Batch
+) -> dict[str, float]:
+    """Per-task quality of one graph on held-out rows: AUC (binary; a conditional task on its
+    parent's positives, as evaluate.py judges it) or RMSE (regression)."""
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    outs = session.run(None, {spec.sparse_input: batch.sparse, spec.dense_input: batch.dense})
+    pred = {o.name: v.astype(np.float64) for o, v in zip(session.get_outputs(), outs, strict=True)}
+    result: dict[str, float] = {}
+    for t in cfg.dataset.tasks:
+        y, p = batch.labels[t.name].astype(np.float64), pred[t.name]
+        if t.depends_on is not None:
+            rows = batch.labels[t.depends_on] >= 0.5
+            y, p = y[rows], p[rows]
+        if t.kind == "binary":
+            result[f"{t.name}_auc"] = auc(y, p)
+        else:
+            result[f"{t.name}_rmse"] = rmse(y, p)
+    return result
+
+
+def quantize_int8(
+    onnx_path: Path, spec: FeatureSpec, cfg: TrainConfig, rows: int = 50_000
+) -> dict[str, Any]:
+    """Write the dynamically quantised (int8 weights) graph beside ``onnx_path`` and measure
+    what it costs: per-task AUC/RMSE of both graphs on the validation (else test) split."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    data = prepare(cfg.dataset, Path(cfg.out_dir) / ".cache")
+    split = data.valid if data.valid is not None else data.test
+    if split is None:
+        raise ExportError("an int8 variant needs a valid or test split to state its accuracy")
+    batch = split.take(slice(0, min(rows, len(split))))
+    q_path = onnx_path.with_name(INT8_FILE)
+    quantize_dynamic(str(onnx_path), str(q_path), weight_type=QuantType.QInt8)
+    before = _variant_metrics(onnx_path, spec, cfg, batch)
+    after = _variant_metrics(q_path, spec, cfg, batch)
+    return {
+        "file": INT8_FILE,
+        "sha256": sha256_file(q_path),
+        "method": "onnxruntime quantize_dynamic, int8 weights (QInt8)",
+        "eval_rows": len(batch.sparse),
+        "metrics_fp32": before,
+        "metrics_int8": after,
+        "change": {k: after[k] - before[k] for k in before},
+    }
+
+
 def export(
     checkpoint: Path,
     name: str,
@@ -142,8 +194,12 @@ def export(
     promote: bool = True,
     parity_rows: int = PARITY_ROWS,
     tolerance: float = PARITY_TOLERANCE,
+    quantize: bool = False,
 ) -> ModelVersion:
-    """Export, gate on parity, publish atomically, and optionally promote to ``current``."""
+    """Export, gate on parity, publish atomically, and optionally promote to ``current``.
+
+    ``quantize`` adds the int8 variant, published only with its measured accuracy change.
+    """
     model, cfg, spec, ckpt = load_checkpoint(checkpoint)
     model.eval()
     spec = output_spec(model, spec)
@@ -160,6 +216,8 @@ def export(
             )
         spec.save(staging)
         meta = _metadata(name, cfg.model_dump(mode="json"), ckpt, spec, onnx_path, parity)
+        if quantize:
+            meta["variants"] = {"int8": quantize_int8(onnx_path, spec, cfg)}
         (staging / METADATA_FILE).write_text(json.dumps(meta, indent=1, sort_keys=True))
         mv = registry.publish(name, staging)
     except BaseException:
@@ -208,9 +266,14 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--name", required=True, help="model name in the registry")
     parser.add_argument("--root", default=Path("models"), type=Path, help="registry root")
     parser.add_argument("--no-promote", action="store_true", help="publish without serving it")
+    parser.add_argument(
+        "--quantize", choices=["int8"], default=None,
+        help="also write model.int8.onnx with its AUC before/after in metadata.json",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     try:
-        mv = export(args.checkpoint, args.name, args.root, promote=not args.no_promote)
+        mv = export(args.checkpoint, args.name, args.root, promote=not args.no_promote,
+                    quantize=args.quantize == "int8")  # fmt: skip
     except ExportError as e:
         print(f"mtrank export: {e}", file=sys.stderr)
         return 1
@@ -221,5 +284,8 @@ def main(argv: list[str]) -> int:
         f"  parity: max |diff| {max(meta['parity']['max_abs_diff'].values()):.2e} "
         f"on {meta['parity']['rows']} rows"
     )
+    for variant, info in (meta.get("variants") or {}).items():
+        changes = ", ".join(f"{k} {v:+.4f}" for k, v in info["change"].items())
+        print(f"  {variant} variant: {info['file']} ({changes} on {info['eval_rows']} rows)")
     print(f"  current: {'promoted' if not args.no_promote else 'unchanged'}")
     return 0

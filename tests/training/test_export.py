@@ -123,3 +123,36 @@ def test_export_cli_no_promote(trained_world: TrainedWorld, tmp_path: Path,
     assert len(reg.versions("cli")) == 1
     meta = json.loads((reg.model_dir("cli") / reg.versions("cli")[0] / "metadata.json").read_text())
     assert meta["name"] == "cli"
+
+
+def test_int8_variant_is_published_with_its_measured_accuracy_change(
+    trained_world: TrainedWorld, tmp_path: Path
+) -> None:
+    from service.runtime import ModelLoadError, ModelRuntime
+
+    mv = export(trained_world.checkpoint, "q", tmp_path, quantize=True)
+    info = mv.metadata()["variants"]["int8"]
+    assert info["file"] == "model.int8.onnx"
+    assert sha256_file(mv.path / "model.int8.onnx") == info["sha256"]
+    tasks = {"ctr_auc", "cvr_auc", "cart_auc", "collect_auc", "stay_rmse"}
+    assert set(info["metrics_fp32"]) == set(info["metrics_int8"]) == tasks
+    for k in tasks:
+        assert info["change"][k] == pytest.approx(info["metrics_int8"][k] - info["metrics_fp32"][k])
+    # the fp32 figure is the served model's own: recompute it independently
+    split = trained_world.data.valid
+    assert split is not None and info["eval_rows"] == min(50_000, len(split))
+    fp32 = ModelRuntime.load(mv, providers="cpu")
+    int8 = ModelRuntime.load(mv, providers="cpu", variant="int8")
+    rows = split.take(slice(0, info["eval_rows"]))
+    got = fp32.run(rows.sparse, rows.dense)["ctr"]
+    from training.metrics import auc
+
+    assert auc(rows.labels["ctr"], got) == pytest.approx(info["metrics_fp32"]["ctr_auc"], abs=1e-9)
+    q = int8.run(rows.sparse, rows.dense)["ctr"]
+    assert 0.0 < float(np.max(np.abs(q - got))) < 0.05  # quantised, and close
+    assert int8.session is not fp32.session
+    with pytest.raises(ModelLoadError, match="no 'int8' variant"):
+        ModelRuntime.load(trained_world.model, providers="cpu", variant="int8")
+    (mv.path / "model.int8.onnx").write_bytes(b"tampered")
+    with pytest.raises(ModelLoadError, match="does not match its sha256"):
+        ModelRuntime.load(mv, providers="cpu", variant="int8")

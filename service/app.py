@@ -111,18 +111,20 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
     services = await start_services(settings, app.state.metrics)
     app.state.services = services
-    watcher: asyncio.Task[None] | None = None
-    if settings.reload_poll_seconds > 0:
-        watcher = asyncio.create_task(
-            services.ranker.manager.watch(settings.reload_poll_seconds), name="mtrank-watch"
-        )
+    watchers: list[asyncio.Task[None]] = []
+    if settings.reload_poll_seconds > 0:  # models (the `current` pointers) and the ranking config
+        interval = settings.reload_poll_seconds
+        watchers = [
+            asyncio.create_task(services.ranker.manager.watch(interval), name="mtrank-watch"),
+            asyncio.create_task(services.ranker.watch_config(interval), name="mtrank-config"),
+        ]
     gc.collect()
     gc.freeze()  # start-up objects live forever: keep them out of every future collection
     log.info("mtrank ready: models %s", services.ranker.manager.current().versions)
     try:
         yield
     finally:
-        if watcher is not None:
+        for watcher in watchers:
             watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await watcher

@@ -320,6 +320,40 @@ class Ranker:
             m.rule_effects.labels(rule="diversity_fallback").inc(fallback)
 
     # -- operations ---------------------------------------------------------------------------
+    def _config_stamp(self) -> tuple[int, int] | None:
+        try:
+            st = self.ranking_path.stat()
+        except OSError:
+            return None
+        return (st.st_mtime_ns, st.st_size)
+
+    def reload_config(self) -> bool:
+        """Recompile the ranking config file for the served models; keep the old one on error."""
+        try:
+            fresh = self._compile(self.manager.current())
+        except RankingConfigError as e:
+            log.error("ranking config rejected, still serving the old one: %s", e)
+            self.metrics.model_reloads.labels(result="failure").inc()
+            return False
+        self._served, self._rejected, self.rejected_reason = fresh, None, None
+        self.metrics.model_reloads.labels(result="success").inc()
+        log.info("ranking config %s reloaded", self.ranking_path)
+        return True
+
+    async def watch_config(self, interval_s: float) -> None:
+        """Poll the ranking config file: every worker picks a changed file up by itself.
+
+        ``POST /admin/reload`` reaches only the worker that receives it; this watcher is what
+        brings a config change to all of them (and to every replica sharing the file).
+        """
+        stamp = self._config_stamp()
+        while True:
+            await asyncio.sleep(interval_s)
+            now = self._config_stamp()
+            if now is not None and now != stamp:
+                stamp = now
+                await asyncio.to_thread(self.reload_config)
+
     async def readiness(self) -> list[str]:
         """Why the service is not ready (empty: ready)."""
         reasons: list[str] = []

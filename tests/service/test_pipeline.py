@@ -188,3 +188,37 @@ def start_for(
     settings = w.settings(ranking_config=ranking, **kw)
     overrides = {k: getattr(settings, k) for k in Settings.model_fields}
     return client_for(**overrides)
+
+
+def test_config_watcher_applies_a_changed_file_and_keeps_the_old_on_error(
+    tmp_path: Path, client_for: Callable[..., AppClient]
+) -> None:
+    # Every worker runs this watcher, so a config change reaches all of them (admin reload
+    # reaches only the worker that receives the request).
+    w = _settings_world(tmp_path)
+    ranking = tmp_path / "ranking.yaml"
+    ranking.write_text(RANKING_YAML)
+    client = start_for(w, client_for, ranking, reload_poll_seconds=0.05)
+    body = {"user_id": "u1", "candidates": [{"item_id": f"i{k}"} for k in range(6)], "size": 6}
+
+    def scores() -> list[float]:
+        return [it["score"] for it in client.post("/rank", json=body).json()["items"]]
+
+    def wait_for(check: Callable[[], bool]) -> bool:
+        deadline = time.monotonic() + 5.0
+        while time.monotonic() < deadline:
+            if check():
+                return True
+            time.sleep(0.05)
+        return False
+
+    before = scores()
+    # A changed formula: every score doubles once the watcher has picked the file up.
+    ranking.write_text(RANKING_YAML.replace('"ctr * (alpha', '"2 * ctr * (alpha'))
+    assert wait_for(lambda: scores() == pytest.approx([2 * s for s in before]))
+    # A broken file: rejected, counted, and the last good config keeps serving.
+    ranking.write_text(RANKING_YAML.replace("window: 2", "window: 0"))
+    assert wait_for(
+        lambda: 'mtrank_model_reloads_total{result="failure"} 1.0' in client.get("/metrics").text
+    )
+    assert scores() == pytest.approx([2 * s for s in before])

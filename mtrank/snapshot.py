@@ -114,8 +114,17 @@ def user_key(namespace: str, version: str, user_id: str) -> bytes:
     return f"mtrank:{namespace}:snap:{version}:u:{user_id}".encode()
 
 
+def item_key_prefix(namespace: str, version: str) -> bytes:
+    """``item_key`` without the id: a request builds its N keys as ``prefix + id`` bytes."""
+    return f"mtrank:{namespace}:snap:{version}:i:".encode()
+
+
 def item_key(namespace: str, version: str, item_id: str) -> bytes:
-    return f"mtrank:{namespace}:snap:{version}:i:{item_id}".encode()
+    return item_key_prefix(namespace, version) + item_id.encode()
+
+
+def exposure_key_prefix(namespace: str, day: str) -> bytes:
+    return f"mtrank:{namespace}:{{exp:{day}}}:".encode()
 
 
 def exposure_key(namespace: str, day: str, item_id: str) -> bytes:
@@ -124,7 +133,7 @@ def exposure_key(namespace: str, day: str, item_id: str) -> bytes:
     The ``{...}`` hash tag keeps one day's counters in one Redis Cluster slot so the atomic
     cap-and-increment script can touch all of a request's counters at once.
     """
-    return f"mtrank:{namespace}:{{exp:{day}}}:{item_id}".encode()
+    return exposure_key_prefix(namespace, day) + item_id.encode()
 
 
 @dataclass

@@ -72,6 +72,7 @@ class Served:
     ranking: RankingConfig
     assembler: Assembler
     limits: QueryLimits
+    inputs_sha: str  # checksum of the models' inputs: does the store's snapshot fit them?
 
 
 @dataclass
@@ -149,7 +150,9 @@ class Ranker:
                 + [f.name for f in bundle.spec.dense if f.source == "context"]
             ),
         )
-        return Served(bundle, ranking, Assembler(bundle.spec), limits)
+        # Hashing the spec serialises every vocabulary (ms per call): once per bundle, not per
+        # request.
+        return Served(bundle, ranking, Assembler(bundle.spec), limits, _inputs_sha(bundle.spec))
 
     def limits(self) -> QueryLimits:
         return self.served().limits
@@ -213,7 +216,7 @@ class Ranker:
         spec = served.bundle.spec
         n = len(query.item_ids)
         fetched: FetchResult | None = None
-        if _inputs_sha(spec) != self._store_inputs:
+        if served.inputs_sha != self._store_inputs:
             # A reloaded model reads other features than the snapshot holds: defaults only.
             degraded.append("feature_spec_mismatch")
         else:

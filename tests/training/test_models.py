@@ -311,3 +311,18 @@ def test_log1p_regression_target_is_fitted_in_log_space_and_served_in_units() ->
     np.testing.assert_allclose(out["stay"].numpy(), [0.0, 1.0, 9.0, 99.0], rtol=1e-5)
     with pytest.raises(ValueError, match="regression tasks only"):
         TaskColumn(name="ctr", label="click", transform="log1p")
+
+
+def test_experts_shared_input_path_equals_the_per_expert_path() -> None:
+    from training.models.layers import Experts
+
+    torch.manual_seed(0)
+    experts = Experts(n=4, in_dim=12, units=[16, 8]).eval()
+    x = torch.randn(5, 12)  # (B, in)
+    per_expert = experts(x.unsqueeze(1).expand(-1, 4, -1))  # (B, n, d)
+    shared = experts.forward_shared(x)  # (B, n, d)
+    torch.testing.assert_close(shared, per_expert, rtol=1e-6, atol=1e-6)
+    # and each expert is an independent MLP: expert 2 by hand
+    h = torch.relu(x @ experts.weights[0][2] + experts.biases[0][2])
+    h = torch.relu(h @ experts.weights[1][2] + experts.biases[1][2])
+    torch.testing.assert_close(shared[:, 2], h, rtol=1e-6, atol=1e-6)

@@ -31,7 +31,7 @@ class MMoEBottom(Bottom):
 
     def forward(self, sparse: Tensor, dense: Tensor) -> list[Tensor]:
         x = self.inputs(sparse, dense)  # (B, F)
-        e = self.experts(x.unsqueeze(1).expand(-1, self.experts.n, -1))  # (B, n, d)
+        e = self.experts.forward_shared(x)  # (B, n, d)
         return [mix(gate(x), e) for gate in self.gates]  # T x (B, d)
 
     def shared_parameters(self) -> Iterator[nn.Parameter]:

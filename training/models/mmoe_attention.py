@@ -38,7 +38,7 @@ class AttentionMoEBottom(Bottom):
 
     def forward(self, sparse: Tensor, dense: Tensor) -> list[Tensor]:
         x = self.inputs(sparse, dense)  # (B, F)
-        e = self.experts(x.unsqueeze(1).expand(-1, self.experts.n, -1))  # (B, n, d)
+        e = self.experts.forward_shared(x)  # (B, n, d)
         k = self.key(e)  # (B, n, d)
         scores = torch.einsum("bnd,td->btn", k, self.queries) * self.scale  # (B, T, n)
         attn = torch.softmax(scores, dim=-1)  # (B, T, n)

@@ -28,7 +28,7 @@ class OMoEBottom(Bottom):
 
     def forward(self, sparse: Tensor, dense: Tensor) -> list[Tensor]:
         x = self.inputs(sparse, dense)  # (B, F)
-        e = self.experts(x.unsqueeze(1).expand(-1, self.experts.n, -1))  # (B, n, d)
+        e = self.experts.forward_shared(x)  # (B, n, d)
         h = mix(self.gate(x), e)  # (B, d)
         return [h] * self.n_towers
 

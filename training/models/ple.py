@@ -67,7 +67,7 @@ class CGCLevel(nn.Module):
         """task_in (B, T, F), shared_in (B, F) -> task_out (B, T, d), shared_out (B, d) | None."""
         spec_x = torch.index_select(task_in, 1, self.source)  # (B, T*ks, F)
         e_spec = self.specific(spec_x)  # (B, T*ks, d)
-        e_shared = self.shared(shared_in.unsqueeze(1).expand(-1, self.s, -1))  # (B, s, d)
+        e_shared = self.shared.forward_shared(shared_in)  # (B, s, d)
         B, d = e_spec.shape[0], e_spec.shape[2]
         per_task = e_spec.reshape(B, self.T, self.ks, d)  # (B, T, ks, d)
         outs = []

@@ -112,12 +112,12 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     services = await start_services(settings, app.state.metrics)
     app.state.services = services
     watchers: list[asyncio.Task[None]] = []
-    if settings.reload_poll_seconds > 0:  # models (the `current` pointers) and the ranking config
-        interval = settings.reload_poll_seconds
-        watchers = [
-            asyncio.create_task(services.ranker.manager.watch(interval), name="mtrank-watch"),
-            asyncio.create_task(services.ranker.watch_config(interval), name="mtrank-config"),
-        ]
+    if settings.reload_poll_seconds > 0:  # the models' `current` pointers
+        watch = services.ranker.manager.watch(settings.reload_poll_seconds)
+        watchers.append(asyncio.create_task(watch, name="mtrank-watch"))
+    if settings.config_poll_seconds > 0:  # the ranking config file, in every worker
+        watch_config = services.ranker.watch_config(settings.config_poll_seconds)
+        watchers.append(asyncio.create_task(watch_config, name="mtrank-config"))
     gc.collect()
     gc.freeze()  # start-up objects live forever: keep them out of every future collection
     log.info("mtrank ready: models %s", services.ranker.manager.current().versions)

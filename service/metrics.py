@@ -24,6 +24,14 @@ from prometheus_client import (
 from prometheus_client.multiprocess import MultiProcessCollector
 
 STAGES = ("parse", "features", "inference", "fusion", "rules", "total")
+# Every reason the pipeline can put in `degraded`: their series start at 0, so rate() and
+# increase() see the first degraded response after a start (a series born at 1 hides it).
+DEGRADED_REASONS = (
+    "feature_store_unavailable",
+    "feature_store_error",
+    "feature_spec_mismatch",
+    "exposure_reservation_failed",
+)
 # Most requests land between 1 ms and 50 ms; the tail buckets catch timeouts and GC pauses.
 STAGE_BUCKETS = (
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05,
@@ -97,6 +105,8 @@ class Metrics:
         # alert would stay silent for the first bad model): start both results at 0.
         for result in ("success", "failure"):
             self.model_reloads.labels(result=result)
+        for reason in DEGRADED_REASONS:
+            self.degraded.labels(reason=reason)
 
     @contextmanager
     def stage(self, name: str, timings: dict[str, float] | None = None) -> Iterator[None]:

@@ -55,6 +55,9 @@ class Settings(BaseSettings):
     inference_threads: int = Field(2, ge=1, le=64, description="executor threads for ONNX runs")
     admin_token: str | None = Field(None, min_length=16, description="None: admin routes off")
     reload_poll_seconds: float = Field(10.0, ge=0.0, description="0: no background watcher")
+    config_poll_seconds: float = Field(
+        10.0, ge=0.0, description="ranking config file checks; 0: start-up and admin reload only"
+    )
     workers: int = Field(1, ge=1, le=256)
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)

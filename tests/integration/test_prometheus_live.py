@@ -169,6 +169,7 @@ def ranker_env(world: TrainedWorld, redis_url: str, ns: str, config: Path) -> di
         "MTRANK_FEATURE_NAMESPACE": ns,
         "MTRANK_RANKING_CONFIG": str(config),
         "MTRANK_ADMIN_TOKEN": ADMIN_TOKEN,
+        "MTRANK_CONFIG_POLL_SECONDS": "0",  # reloads counted here come from /admin/reload only
         "MTRANK_REDIS_TIMEOUT_MS": "200",
     }
 

@@ -250,6 +250,8 @@ def service_env(source: ModelSource, ranking: Path, redis_url: str, **extra: str
         # no answer is degraded. The fault tests lower it (300 ms) to hit it on purpose.
         "MTRANK_REDIS_TIMEOUT_MS": "1000",
         "MTRANK_RELOAD_POLL_SECONDS": "0",
+        # reloads here come from /admin/reload only, so the tests can count them exactly
+        "MTRANK_CONFIG_POLL_SECONDS": "0",
         "MTRANK_ADMIN_TOKEN": ADMIN_TOKEN,
         "MTRANK_MAX_BODY_BYTES": str(4 << 20),
         "MTRANK_LOG_LEVEL": "info",

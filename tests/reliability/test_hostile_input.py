@@ -247,7 +247,7 @@ def test_admin_routes_absent_without_token(served_model: ModelSource, tmp_path: 
     common: dict[str, Any] = {
         "model_dir": served_model.root, "model_names": [served_model.name],
         "snapshot_path": served_model.snapshot_path, "ranking_config": ranking,
-        "ort_providers": "cpu", "reload_poll_seconds": 0,
+        "ort_providers": "cpu", "reload_poll_seconds": 0, "config_poll_seconds": 0,
     }  # fmt: skip
     off = create_app(Settings(**common, admin_token=None))
     on = create_app(Settings(**common, admin_token=ADMIN_TOKEN))

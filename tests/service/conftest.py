@@ -76,6 +76,7 @@ class World:
             "snapshot_path": self.snapshot_path,
             "ranking_config": self.ranking_path,
             "reload_poll_seconds": 0,
+            "config_poll_seconds": 0,
             "admin_token": ADMIN_TOKEN,
             "max_candidates": 50,
             "max_body_bytes": 16_384,

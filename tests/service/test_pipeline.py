@@ -198,7 +198,7 @@ def test_config_watcher_applies_a_changed_file_and_keeps_the_old_on_error(
     w = _settings_world(tmp_path)
     ranking = tmp_path / "ranking.yaml"
     ranking.write_text(RANKING_YAML)
-    client = start_for(w, client_for, ranking, reload_poll_seconds=0.05)
+    client = start_for(w, client_for, ranking, config_poll_seconds=0.05)
     body = {"user_id": "u1", "candidates": [{"item_id": f"i{k}"} for k in range(6)], "size": 6}
 
     def scores() -> list[float]:

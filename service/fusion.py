@@ -45,7 +45,7 @@ import tokenize
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import yaml
@@ -538,19 +538,32 @@ def validation_message(err: ValidationError) -> str:
     return f"{key or '(top level)'}: {msg}"
 
 
-def load_fusion_file(path: str | os.PathLike[str]) -> FusionConfig:
-    """Read a fusion YAML file (``formula`` + ``params``); errors name the file and the key."""
-    path = Path(path)
+_Model = TypeVar("_Model", bound=BaseModel)
+
+
+def load_yaml_model(
+    path: Path, model: type[_Model], error: type[Exception], what: str, shape: str
+) -> _Model:
+    """Read a strict-YAML file into ``model``; every failure is ``error`` naming the file (and,
+    for a validation failure, the key path). Shared by the fusion and ranking config loaders."""
     try:
         data = strict_yaml_load(path.read_text(encoding="utf-8"))
     except (OSError, yaml.YAMLError) as e:
-        raise FusionError(f"{path}: cannot read fusion file: {e}") from e
+        raise error(f"{path}: cannot read {what}: {e}") from e
     if not isinstance(data, dict):
-        raise FusionError(f"{path}: a fusion file is a mapping with keys formula and params")
+        raise error(f"{path}: {shape}")
     try:
-        return FusionConfig.model_validate(data)
+        return model.model_validate(data)
     except ValidationError as e:
-        raise FusionError(f"{path}: {validation_message(e)}") from e
+        raise error(f"{path}: {validation_message(e)}") from e
+
+
+def load_fusion_file(path: str | os.PathLike[str]) -> FusionConfig:
+    """Read a fusion YAML file (``formula`` + ``params``); errors name the file and the key."""
+    return load_yaml_model(
+        Path(path), FusionConfig, FusionError, "fusion file",
+        "a fusion file is a mapping with keys formula and params",
+    )  # fmt: skip
 
 
 def save_fusion_file(config: FusionConfig, path: str | os.PathLike[str]) -> Path:

@@ -28,14 +28,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
     FiniteFloat,
     PrivateAttr,
-    ValidationError,
     field_validator,
     model_validator,
 )
@@ -46,8 +44,7 @@ from service.fusion import (
     FusionConfig,
     FusionError,
     load_fusion_file,
-    strict_yaml_load,
-    validation_message,
+    load_yaml_model,
 )
 
 DEFAULT_SCENE = "default"
@@ -274,16 +271,10 @@ def load_ranking_config(
     item attributes, ``rule_weight`` and each scene's params are added here.
     """
     path = Path(path)
-    try:
-        data = strict_yaml_load(path.read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError) as e:
-        raise RankingConfigError(f"{path}: cannot read ranking config: {e}") from e
-    if not isinstance(data, dict):
-        raise RankingConfigError(f"{path}: expected a mapping with key 'scenes'")
-    try:
-        config = RankingConfig.model_validate(data)
-    except ValidationError as e:
-        raise RankingConfigError(f"{path}: {validation_message(e)}") from e
+    config = load_yaml_model(
+        path, RankingConfig, RankingConfigError, "ranking config",
+        "expected a mapping with key 'scenes'",
+    )  # fmt: skip
     config = _resolve_files(config, path)
     inputs = frozenset(allowed_names) | set(FORMULA_ITEM_ATTRIBUTES) | {RULE_WEIGHT}
     _compile(config, path, inputs)

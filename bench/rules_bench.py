@@ -16,8 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
-from mtrank.snapshot import ITEM_ATTRIBUTES
-from service.ranking_config import formula_inputs, load_ranking_config
+from mtrank.attributes import ITEM_ATTRIBUTES
+from mtrank.fusion import formula_inputs
+from service.ranking_config import load_ranking_config
 from service.rules import rerank, rule_weight
 
 CONFIG = Path(__file__).resolve().parents[1] / "service" / "config" / "ranking.yaml"
@@ -32,7 +33,7 @@ def zipf_weights(k: int, s: float) -> np.ndarray:
 
 
 def make_items(n: int, n_categories: int, n_brands: int, rng: np.random.Generator) -> np.ndarray:
-    rec = np.zeros(n, dtype=list(ITEM_ATTRIBUTES))
+    rec = np.zeros(n, dtype=ITEM_ATTRIBUTES.record_fields())
     # Zipf-like popularity: a few categories/brands hold most candidates, as in real recall sets.
     rec["category"] = rng.choice(n_categories, n, p=zipf_weights(n_categories, 1.1))
     rec["brand"] = rng.choice(n_brands, n, p=zipf_weights(n_brands, 1.0))

@@ -9,12 +9,13 @@ parsing. The embedded store loads the same records from the snapshot file.
 Layouts (numpy packed structured dtypes, no padding)::
 
     user: sparse <i8[n_user_sparse] | dense <f4[n_user_dense]
-    item: sparse <i8[n_item_sparse] | dense <f4[n_item_dense] | category <i4 | brand <i4
-          | price <f4 | promoted u1 | first_seen_day <i4 | quality <f4 | exposure_cap <i4
+    item: sparse <i8[n_item_sparse] | dense <f4[n_item_dense] | the item attributes of
+          mtrank.attributes.ITEM_ATTRIBUTES, in table order (category <i4 | brand <i4 | ...)
 
-``category`` and ``brand`` are codes into the snapshot's attribute tables (the rules only compare
-them); ``first_seen_day`` counts days since 1970-01-01; ``exposure_cap`` < 0 means "use the
-configured default".
+``code`` attributes (category, brand) are indices into the snapshot's attribute tables (the rules
+only compare them); ``first_seen_day`` counts days since 1970-01-01; ``exposure_cap`` < 0 means
+"use the configured default". Cold-start values are the table's defaults: no category/brand
+code (-1 never equals a real code, so diversity never groups unknown items), unknown price 0.
 
 Redis keys are a pure function of (namespace, version, entity) — see :func:`user_key` and friends;
 ``mtrank:{ns}:snap`` points at the serving version and is switched only after the new version is
@@ -32,29 +33,13 @@ from typing import Any
 
 import numpy as np
 
+from mtrank.attributes import ITEM_ATTRIBUTES
 from mtrank.spec import FeatureSpec
 
+# Version of the record layout. Bump it with every change to ITEM_ATTRIBUTES (and pin the new
+# layout below): a snapshot written under one layout must never be read as another.
 SNAPSHOT_FORMAT = 1
-ITEM_ATTRIBUTES: tuple[tuple[str, str], ...] = (
-    ("category", "<i4"),
-    ("brand", "<i4"),
-    ("price", "<f4"),
-    ("promoted", "u1"),
-    ("first_seen_day", "<i4"),
-    ("quality", "<f4"),
-    ("exposure_cap", "<i4"),
-)
-# The attribute values of an item nothing is known about (cold start): no category/brand code
-# (-1 never equals a real code, so diversity never groups unknown items), unknown price 0.
-DEFAULT_ITEM_ATTRIBUTES: dict[str, float | int] = {
-    "category": -1,
-    "brand": -1,
-    "price": 0.0,
-    "promoted": 0,
-    "first_seen_day": -1,
-    "quality": 1.0,
-    "exposure_cap": -1,
-}
+FORMAT_LAYOUTS: dict[int, str] = {1: "520ea0166f5ac005"}
 
 
 def user_dtype(spec: FeatureSpec) -> np.dtype[Any]:
@@ -68,7 +53,7 @@ def item_dtype(spec: FeatureSpec) -> np.dtype[Any]:
         ("sparse", "<i8", (len(sparse),)),
         ("dense", "<f4", (len(dense),)),
     ]
-    fields += list(ITEM_ATTRIBUTES)
+    fields += ITEM_ATTRIBUTES.record_fields()
     return np.dtype(fields)
 
 
@@ -81,7 +66,7 @@ def default_user_record(spec: FeatureSpec) -> np.ndarray:
 def default_item_record(spec: FeatureSpec) -> np.ndarray:
     rec = np.zeros((), dtype=item_dtype(spec))
     rec["sparse"], rec["dense"] = spec.default_entity("item")
-    for name, value in DEFAULT_ITEM_ATTRIBUTES.items():
+    for name, value in ITEM_ATTRIBUTES.defaults().items():
         rec[name] = value
     return rec
 

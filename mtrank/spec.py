@@ -48,10 +48,22 @@ class SparseField(_Frozen):
         return {v: i + 1 for i, v in enumerate(self.vocab)}
 
     def encode(self, raw: object) -> int:
-        """Index of one raw value; ``None`` and unseen values go to the OOV bucket."""
+        """Index of one raw value; ``None`` and unseen values go to the OOV bucket.
+
+        The key of a raw value is ``str(raw)``: this is the one encoding rule that training,
+        snapshot building and serving share (:meth:`encode_many` applies it to columns).
+        """
         if raw is None:
             return OOV_INDEX
         return self.index.get(str(raw), OOV_INDEX)
+
+    def encode_many(self, values: Iterable[object]) -> np.ndarray:
+        """(n,) int64 indices of raw values; each distinct value is looked up once (encode)."""
+        seen: dict[object, int] = {}
+        slots = [seen.setdefault(v, len(seen)) for v in values]
+        codes = [self.encode(v) for v in seen]
+        table = np.asarray(codes, dtype=np.int64)
+        return table[np.asarray(slots, dtype=np.intp)] if slots else np.empty(0, np.int64)
 
 
 class DenseField(_Frozen):

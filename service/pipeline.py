@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from mtrank.fusion import Formula, formula_inputs
 from mtrank.snapshot import default_item_record, default_user_record
 from mtrank.spec import FeatureSpec
 from service.api.schemas import QueryLimits, RankQuery
@@ -39,13 +40,11 @@ from service.features.store import (
     FetchResult,
     utc_day,
 )
-from service.fusion import Formula
 from service.metrics import Metrics
 from service.ranking_config import (
     RankingConfig,
     RankingConfigError,
     SceneConfig,
-    formula_inputs,
     load_ranking_config,
 )
 from service.rules import RerankResult, fill_after_refusals, rerank, rule_weight

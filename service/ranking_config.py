@@ -12,7 +12,8 @@ Names a formula may use (:func:`load_ranking_config`):
   fields the pipeline supplies). A formula using an output the model does not have (``stay`` on
   a model without a stay task) is a load-time error, never a silent 1: a silently missing term
   would change the ranking without anyone noticing;
-* the item attributes in :data:`FORMULA_ITEM_ATTRIBUTES` (``price``, ``quality``, ``promoted``);
+* the item attributes marked ``formula`` in :data:`mtrank.attributes.ITEM_ATTRIBUTES` (``price``,
+  ``quality``, ``promoted``);
 * ``rule_weight``: the product of the scene's boost/demotion multipliers (service/rules.py);
 * the scene's fusion ``params``, folded in as constants.
 
@@ -23,11 +24,10 @@ required and is what a request without a scene gets.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
-import numpy as np
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -38,22 +38,17 @@ from pydantic import (
     model_validator,
 )
 
-from mtrank.snapshot import ITEM_ATTRIBUTES
-from service.fusion import (
+from mtrank.attributes import ITEM_ATTRIBUTES
+from mtrank.fusion import (
+    RULE_WEIGHT,
     Formula,
     FusionConfig,
     FusionError,
     load_fusion_file,
-    load_yaml_model,
 )
+from mtrank.yamlio import load_yaml_model
 
 DEFAULT_SCENE = "default"
-RULE_WEIGHT = "rule_weight"
-# Item attributes a formula may read; the pipeline puts these arrays into the formula's env.
-FORMULA_ITEM_ATTRIBUTES: tuple[str, ...] = ("price", "quality", "promoted")
-# Attribute name -> numpy dtype, from the snapshot record layout (the rules read these columns).
-ATTRIBUTE_DTYPES: dict[str, np.dtype[Any]] = {n: np.dtype(t) for n, t in ITEM_ATTRIBUTES}
-INT_ATTRIBUTES = frozenset(n for n, t in ATTRIBUTE_DTYPES.items() if t.kind in "iu")
 
 
 class RankingConfigError(ValueError):
@@ -91,7 +86,7 @@ class Condition(_Strict):
     @field_validator("field")
     @classmethod
     def _field(cls, v: str) -> str:
-        return _known_attribute(v, ATTRIBUTE_DTYPES)
+        return _known_attribute(v, ITEM_ATTRIBUTES.rule_fields)
 
     @model_validator(mode="after")
     def _value_fits_op(self) -> Condition:
@@ -99,7 +94,7 @@ class Condition(_Strict):
             want = "a list" if self.op == "in" else "a single number"
             raise ValueError(f"op {self.op!r} takes {want} as value")
         if self.op == "within_days":
-            if self.field not in INT_ATTRIBUTES:
+            if self.field not in ITEM_ATTRIBUTES.integer_rule_fields:
                 raise ValueError(f"within_days needs an integer day field, not {self.field!r}")
             if not (isinstance(self.value, float) and self.value >= 1):
                 raise ValueError("within_days needs a value >= 1 (days)")
@@ -134,7 +129,7 @@ class DiversityConstraint(_Strict):
     @field_validator("field")
     @classmethod
     def _field(cls, v: str) -> str:
-        return _known_attribute(v, INT_ATTRIBUTES)
+        return _known_attribute(v, ITEM_ATTRIBUTES.integer_rule_fields)
 
 
 class RulesConfig(_Strict):
@@ -208,23 +203,6 @@ def _fusion_of(config: RankingConfig, scene: str) -> FusionConfig:
     return fusion
 
 
-def formula_inputs(
-    outputs: Mapping[str, Any],
-    attrs: Any,
-    rule_weight: Any,
-    extra: Mapping[str, Any] | None = None,
-) -> dict[str, Any]:
-    """The env a scene formula evaluates in: model outputs, item attributes, rule_weight, extras.
-
-    ``attrs`` is an item record array (mtrank.snapshot layout) or a mapping of columns.
-    """
-    env: dict[str, Any] = dict(outputs)
-    env.update({name: attrs[name] for name in FORMULA_ITEM_ATTRIBUTES})
-    env[RULE_WEIGHT] = rule_weight
-    env.update(extra or {})
-    return env
-
-
 def _resolve_files(config: RankingConfig, path: Path) -> RankingConfig:
     scenes = dict(config.scenes)
     for name, scene in config.scenes.items():
@@ -276,6 +254,6 @@ def load_ranking_config(
         "expected a mapping with key 'scenes'",
     )  # fmt: skip
     config = _resolve_files(config, path)
-    inputs = frozenset(allowed_names) | set(FORMULA_ITEM_ATTRIBUTES) | {RULE_WEIGHT}
+    inputs = frozenset(allowed_names) | set(ITEM_ATTRIBUTES.formula_names) | {RULE_WEIGHT}
     _compile(config, path, inputs)
     return config

@@ -9,10 +9,11 @@ spec. Unknown keys are errors naming the key; a missing column is an error namin
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from mtrank.yamlio import read_yaml_mapping, validation_messages
 
 Source = Literal["user", "item", "context"]
 
@@ -159,28 +160,19 @@ class TrainConfig(_Strict):
         return self.tasks.get(task, TaskWeights())
 
 
-PositiveInt = Annotated[int, Field(ge=1)]
 _M = TypeVar("_M", bound=BaseModel)
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
-    try:
-        data = yaml.safe_load(Path(path).read_text())
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from e
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping at the top level")
-    return data
+    """Strict YAML (a repeated key is an error, as in every config mtrank reads)."""
+    return read_yaml_mapping(path, ConfigError, "config", "expected a mapping at the top level")
 
 
 def _validate(cls: type[_M], data: dict[str, Any], path: Path) -> _M:
     try:
         return cls.model_validate(data)
     except ValidationError as e:
-        lines = [
-            f"  {'.'.join(str(p) for p in err['loc']) or '<root>'}: {err['msg']}"
-            for err in e.errors()
-        ]
+        lines = [f"  {line}" for line in validation_messages(e)]
         raise ConfigError(f"{path}: invalid {cls.__name__}:\n" + "\n".join(lines)) from e
 
 

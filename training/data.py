@@ -376,11 +376,12 @@ def _dense_field(c: Any, m: _Moments) -> DenseField:
 
 # ------------------------------------------------------------------ pass 2: encoding
 def _encode_sparse(f: SparseField, col: pa.Array) -> np.ndarray:
-    """(n,) int64 indices; each distinct value goes through ``f.encode`` itself."""
+    """(n,) int64 indices; each distinct value goes through ``f.encode_many`` (the contract's
+    encoder) once."""
     d = pc.dictionary_encode(_as_text(col))
-    codes = [f.encode(v) for v in d.dictionary.to_pylist()] + [OOV_INDEX]  # last = missing
+    codes = np.append(f.encode_many(d.dictionary.to_pylist()), OOV_INDEX)  # last = missing
     idx = pc.fill_null(d.indices, -1).to_numpy(zero_copy_only=False)
-    out: np.ndarray = np.asarray(codes, dtype=np.int64)[idx]
+    out: np.ndarray = codes[idx]
     return out
 
 

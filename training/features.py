@@ -22,13 +22,9 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
+from mtrank.attributes import ITEM_ATTRIBUTES
 from mtrank.registry import Registry, RegistryError, new_version
-from mtrank.snapshot import (
-    DEFAULT_ITEM_ATTRIBUTES,
-    Snapshot,
-    item_dtype,
-    user_dtype,
-)
+from mtrank.snapshot import Snapshot, item_dtype, user_dtype
 from mtrank.spec import DenseField, FeatureSpec, SparseField
 
 
@@ -55,10 +51,7 @@ def encode_sparse(field: SparseField, values: np.ndarray | None, n: int) -> np.n
     """(n,) int64 indices; a column absent from the table encodes as OOV for every row."""
     if values is None:
         return np.zeros(n, dtype=np.int64)
-    uniq, inverse = np.unique(values.astype(str), return_inverse=True)
-    # None became the string "None": map it to OOV explicitly rather than by luck.
-    lookup = np.array([field.index.get(u, 0) if u != "None" else 0 for u in uniq], np.int64)
-    return lookup[inverse]
+    return field.encode_many(values)
 
 
 def encode_dense(field: DenseField, values: np.ndarray | None, n: int) -> np.ndarray:
@@ -99,13 +92,12 @@ def _codes(values: np.ndarray | None, n: int) -> tuple[np.ndarray, list[str]]:
 def fill_item_attributes(records: np.ndarray, table: pa.Table) -> dict[str, list[str]]:
     n = table.num_rows
     tables: dict[str, list[str]] = {}
-    for name in ("category", "brand"):
-        codes, code_table = _codes(_column(table, name), n)
-        records[name] = codes
-        tables[name] = code_table
-    for name in ("price", "promoted", "first_seen_day", "quality", "exposure_cap"):
+    for attr in ITEM_ATTRIBUTES:
+        name, default = attr.name, attr.default
         values = _column(table, name)
-        default = DEFAULT_ITEM_ATTRIBUTES[name]
+        if attr.kind == "code":
+            records[name], tables[name] = _codes(values, n)
+            continue
         if values is None:
             records[name] = default
             continue

@@ -30,6 +30,8 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
+from mtrank.attributes import ITEM_ATTRIBUTES
+
 TODAY_DAY = 20089  # 2025-01-01 as days since 1970-01-01: the fixed "now" of the ecommerce world
 HISTORY_DAYS = 30  # impressions span [TODAY_DAY - HISTORY_DAYS, TODAY_DAY)
 LATENT_DIM = 8
@@ -141,12 +143,16 @@ def _items(rng: np.random.Generator, n: int) -> dict[str, np.ndarray]:
 
 
 USER_COLUMNS = ["user_id", "age_bucket", "city_tier", "gender", "user_activity", "past_purchases"]
-ITEM_COLUMNS = ["item_id", "category", "brand", "price", "promoted", "quality"]
-ITEM_RULE_COLUMNS = ["first_seen_day", "exposure_cap"]
+# Item columns come from the attribute table: impression rows copy the logged ones, items.parquet
+# holds them all (an attribute the generator does not model is written as its default).
+ITEM_COLUMNS = ["item_id", *ITEM_ATTRIBUTES.names_where(logged=True)]
+ITEM_RULE_COLUMNS = list(ITEM_ATTRIBUTES.names_where(logged=False))
 
 
 def _entity_table(cols: dict[str, np.ndarray], names: list[str]) -> pa.Table:
-    arrays = {k: pa.array(cols[k]) for k in names}
+    n = len(cols[names[0]])
+    default = {a.name: np.full(n, a.default) for a in ITEM_ATTRIBUTES}
+    arrays = {k: pa.array(cols[k] if k in cols else default[k]) for k in names}
     if "exposure_cap" in arrays:  # most items have no cap: null, not 0
         arrays["exposure_cap"] = pa.array(cols["exposure_cap"], mask=~cols["_has_cap"])
     return pa.table(arrays)

@@ -4,7 +4,7 @@
 
 The served model (ONNX, from the registry — exactly what the service runs) scores a validation
 split; every trial evaluates the fusion formula with one parameter setting through the service's
-own :class:`service.fusion.Formula` and measures the objectives per request group (the user, as a
+own :class:`mtrank.fusion.Formula` and measures the objectives per request group (the user, as a
 stand-in for a page view). Search is a grid (every combination of listed values) or random
 sampling of ranges; the default parameters are always trial 0, so the result is never worse than
 the default on the objective. The best setting is written as a fusion file the service loads as
@@ -29,13 +29,20 @@ from typing import Any
 
 import numpy as np
 import onnxruntime as ort
-import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
+from mtrank.attributes import ITEM_ATTRIBUTES
+from mtrank.fusion import (
+    DEFAULT_FORMULA,
+    DEFAULT_PARAMS,
+    RULE_WEIGHT,
+    Formula,
+    FusionConfig,
+    save_fusion_file,
+)
 from mtrank.registry import Registry
 from mtrank.spec import FeatureSpec
-from service.fusion import DEFAULT_FORMULA, DEFAULT_PARAMS, Formula, FusionConfig, save_fusion_file
-from service.ranking_config import FORMULA_ITEM_ATTRIBUTES, RULE_WEIGHT
+from mtrank.yamlio import load_yaml_model
 from training.config import ConfigError, load_dataset_spec
 from training.data import Encoded, prepare
 from training.metrics import auc
@@ -161,7 +168,7 @@ def load_eval_data(cfg: TuneConfig, base: Path) -> EvalData:
         for n, v in zip(names, session.run(None, feeds), strict=True):
             outs[n].append(v.astype(np.float64))
     env = {n: np.concatenate(v) for n, v in outs.items()}
-    for attr in FORMULA_ITEM_ATTRIBUTES:
+    for attr in ITEM_ATTRIBUTES.formula_names:
         env[attr] = raw_attribute(spec, split, attr)
     env[RULE_WEIGHT] = np.ones(len(split))
     labels = {t.label: np.asarray(split.labels[t.name], np.float64) for t in ds.tasks}
@@ -275,8 +282,10 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--plot", type=Path, default=None, help="PNG of the trade-off")
     args = parser.parse_args(argv)
     try:
-        raw = yaml.safe_load(args.config.read_text())
-        cfg = TuneConfig.model_validate(raw)
+        cfg = load_yaml_model(
+            args.config, TuneConfig, ConfigError, "tune-fusion config",
+            "expected a mapping at the top level",
+        )  # fmt: skip
         summary = tune(cfg, args.config.parent, args.out, args.plot)
     except (ConfigError, ValueError) as e:
         print(f"mtrank tune-fusion: {e}", file=sys.stderr)

@@ -25,24 +25,38 @@ from typing import Any
 
 import numpy as np
 import orjson
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, create_model
 
+from mtrank.attributes import ITEM_ATTRIBUTES, Attribute
 from service.errors import InvalidRequest, PayloadTooLarge
 
 MAX_ID_CHARS = 256
-OVERRIDABLE = ("price", "quality", "promoted")
+OVERRIDABLE = ITEM_ATTRIBUTES.overridable
 ContextValue = str | int | float | bool | None
 
 
 # ------------------------------------------------------------------ documented models
-class Candidate(BaseModel):
-    """One item to rank, with optional request-time attribute overrides."""
+def _override_field(attr: Attribute) -> Any:
+    what = f"overrides the snapshot's {attr.name}"
+    if attr.kind == "flag":
+        return (bool | None, Field(None, description=what))
+    return (float | None, Field(None, ge=attr.minimum, allow_inf_nan=False, description=what))
 
+
+class _CandidateBase(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
     item_id: str = Field(min_length=1, max_length=MAX_ID_CHARS)
-    price: float | None = Field(None, ge=0, allow_inf_nan=False, description="overrides snapshot")
-    quality: float | None = Field(None, ge=0, allow_inf_nan=False)
-    promoted: bool | None = None
+
+
+# One item to rank, with optional request-time overrides of the item attributes marked
+# ``override`` in mtrank.attributes (documentation only: requests are parsed by
+# parse_rank_request, which applies the same rules).
+Candidate: type[BaseModel] = create_model(
+    "Candidate",
+    __base__=_CandidateBase,
+    __doc__="One item to rank, with optional request-time attribute overrides.",
+    **{a.name: _override_field(a) for a in ITEM_ATTRIBUTES if a.override},
+)
 
 
 class RankRequest(BaseModel):
@@ -193,7 +207,7 @@ def _overrides(candidates: list[dict[str, Any]]) -> dict[str, np.ndarray]:
     out: dict[str, np.ndarray] = {}
     for key in sorted(keys - {"item_id"}):
         raw = [c.get(key) for c in candidates]
-        if key == "promoted":
+        if ITEM_ATTRIBUTES[key].kind == "flag":
             if not all(v is None or type(v) is bool for v in raw):
                 i = next(k for k, v in enumerate(raw) if not (v is None or type(v) is bool))
                 raise _bad(f"candidates[{i}].{key}", "must be a boolean")
@@ -201,13 +215,16 @@ def _overrides(candidates: list[dict[str, Any]]) -> dict[str, np.ndarray]:
             i = next(k for k, v in enumerate(raw) if type(v) not in _NUMBER_TYPES)
             raise _bad(f"candidates[{i}].{key}", "must be a number")
         column = np.array(raw, dtype=np.float64)  # (N,) None -> NaN
-        bad = np.isinf(column) | (column < 0)  # (N,)
+        minimum = ITEM_ATTRIBUTES[key].minimum
+        bad = np.isinf(column)  # (N,)
+        if minimum is not None:
+            bad |= column < minimum
         nan = np.isnan(column)  # (N,) absent (None) or a NaN the client sent
         if int(nan.sum()) != raw.count(None):
             bad |= nan & np.array([v is not None for v in raw])
         if bad.any():
             i = int(np.argmax(bad))
-            _number(raw[i], f"candidates[{i}].{key}", minimum=0.0)
+            _number(raw[i], f"candidates[{i}].{key}", minimum=minimum)
         out[key] = column
     return out
 

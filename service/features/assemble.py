@@ -20,12 +20,12 @@ from collections.abc import Mapping
 import numpy as np
 import numpy.typing as npt
 
-from mtrank.snapshot import ITEM_ATTRIBUTES
+from mtrank.attributes import ITEM_ATTRIBUTES
 from mtrank.spec import DenseField, FeatureSpec, Source
 
-# Raw item attributes a request may override. Not category/brand: they are codes into the
-# snapshot's attribute tables, which a caller cannot know.
-_ATTRIBUTE_NAMES = tuple(name for name, _ in ITEM_ATTRIBUTES if name not in ("category", "brand"))
+# Raw item attributes a request may override (never codes: a caller cannot know the snapshot's
+# code tables).
+_ATTRIBUTE_NAMES = ITEM_ATTRIBUTES.overridable
 _SOURCES: tuple[Source, ...] = ("user", "item", "context")
 
 

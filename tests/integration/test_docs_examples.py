@@ -26,7 +26,16 @@ from prometheus_client.metrics import MetricWrapperBase
 from pydantic import BaseModel, TypeAdapter
 from pydantic.fields import FieldInfo
 
+from mtrank.attributes import ITEM_ATTRIBUTES
 from mtrank.cli import COMMANDS
+from mtrank.fusion import (
+    FUNCTIONS,
+    LOG_FLOOR,
+    MAX_CONST_EXPONENT,
+    MAX_DEPTH,
+    MAX_FORMULA_CHARS,
+    load_fusion_file,
+)
 from service.api.schemas import (
     ErrorBody,
     ModelInfo,
@@ -37,22 +46,8 @@ from service.api.schemas import (
     parse_rank_request,
 )
 from service.errors import RankingError, register_error_handlers
-from service.fusion import (
-    FUNCTIONS,
-    LOG_FLOOR,
-    MAX_CONST_EXPONENT,
-    MAX_DEPTH,
-    MAX_FORMULA_CHARS,
-    load_fusion_file,
-)
 from service.metrics import STAGES, Metrics
-from service.ranking_config import (
-    ATTRIBUTE_DTYPES,
-    FORMULA_ITEM_ATTRIBUTES,
-    INT_ATTRIBUTES,
-    Condition,
-    load_ranking_config,
-)
+from service.ranking_config import Condition, load_ranking_config
 from service.settings import DEFAULT_RANKING_CONFIG, ENV_PREFIX, Settings
 from training.config import (
     DatasetSpec,
@@ -369,7 +364,7 @@ def test_ranking_config_examples_load(tmp_path: Path) -> None:
         path.write_text(body, encoding="utf-8")
         config = load_ranking_config(path, ECOMMERCE_OUTPUTS)
         assert config.formula("tuned").names <= set(ECOMMERCE_OUTPUTS) | {
-            *FORMULA_ITEM_ATTRIBUTES,
+            *ITEM_ATTRIBUTES.formula_names,
             "rule_weight",
         }
 
@@ -382,7 +377,7 @@ def test_fusion_grammar_and_limits_are_documented() -> None:
     assert f"{MAX_DEPTH} levels" in text
     assert f"at most {MAX_CONST_EXPONENT:g}" in text
     assert f"max(x, {LOG_FLOOR:g})" in text
-    for name in FORMULA_ITEM_ATTRIBUTES:
+    for name in ITEM_ATTRIBUTES.formula_names:
         assert f"`{name}`" in text
 
 
@@ -392,10 +387,10 @@ def test_every_condition_op_and_attribute_is_documented() -> None:
     assert ops
     for op in ops:
         assert f"`{op}`" in text, op
-    for field in ATTRIBUTE_DTYPES:
+    for field in ITEM_ATTRIBUTES.rule_fields:
         assert f"| `{field}` |" in text, field
     diversity = text.split("### Diversity", 1)[1].split("###", 1)[0]
-    for field in INT_ATTRIBUTES:
+    for field in ITEM_ATTRIBUTES.integer_rule_fields:
         assert f"`{field}`" in diversity, field
 
 

@@ -19,9 +19,9 @@ import orjson
 import pytest
 from hypothesis import HealthCheck, given, settings
 
+from mtrank.fusion import Formula, FusionError
 from service.api import deps
 from service.app import create_app
-from service.fusion import Formula, FusionError
 from service.settings import Settings
 from tests.reliability.conftest import (
     ADMIN_TOKEN,

@@ -32,6 +32,7 @@ def items() -> np.ndarray:
     recs["dense"] = [[0.1, 0.2], [0.3, 0.4], [0.5, 0.6]]  # price, quality_score
     recs["price"] = [9.0, 19.0, 29.0]
     recs["exposure_cap"] = [1, 2, 3]
+    recs["promoted"] = [0, 1, 0]
     return recs
 
 
@@ -130,13 +131,20 @@ def test_price_override_changes_model_input_and_raw_attribute() -> None:
 
 def test_override_of_attribute_only_and_feature_only_values() -> None:
     recs = items()
-    out = ASM.override_items(recs, {"quality": 0.5, "exposure_cap": [5, np.nan, 7.4]})
+    out = ASM.override_items(recs, {"quality": 0.5, "promoted": [1, np.nan, 0.7]})
     np.testing.assert_array_equal(out["dense"], recs["dense"])  # not model features
     assert out["quality"].tolist() == [0.5, 0.5, 0.5]
-    assert out["exposure_cap"].tolist() == [5, 2, 7] and out["exposure_cap"].dtype == np.int32
+    # integer attributes round; NaN keeps the stored value
+    assert out["promoted"].tolist() == [1, 1, 1] and out["promoted"].dtype == np.uint8
+
     out = ASM.override_items(recs, {"quality_score": [0.7, np.nan, 0.5]})
     np.testing.assert_allclose(out["dense"][:, 1], [1.0, 0.4, 0.0], rtol=1e-6)
     np.testing.assert_array_equal(out["quality"], recs["quality"])
+
+
+def test_only_attributes_the_table_marks_overridable_can_be_overridden() -> None:
+    with pytest.raises(OverrideError, match="cannot override 'exposure_cap'"):
+        ASM.override_items(items(), {"exposure_cap": [5, 6, 7]})
 
 
 @pytest.mark.parametrize(

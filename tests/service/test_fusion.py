@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from service.fusion import (
+from mtrank.fusion import (
     DEFAULT_FORMULA,
     DEFAULT_PARAMS,
     LOG_FLOOR,

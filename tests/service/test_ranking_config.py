@@ -9,12 +9,8 @@ import pytest
 import yaml
 
 import service
-from service.fusion import DEFAULT_PARAMS, FusionConfig, save_fusion_file
-from service.ranking_config import (
-    RankingConfigError,
-    formula_inputs,
-    load_ranking_config,
-)
+from mtrank.fusion import DEFAULT_PARAMS, FusionConfig, formula_inputs, save_fusion_file
+from service.ranking_config import RankingConfigError, load_ranking_config
 from service.rules import rerank, rule_weight
 
 # The file the service loads by default (service/settings.py points at the same path).

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mtrank.snapshot import ITEM_ATTRIBUTES
+from mtrank.attributes import ITEM_ATTRIBUTES
 from service.ranking_config import (
     Boost,
     Condition,
@@ -25,7 +25,7 @@ TODAY = 20_000
 
 def items(n: int, **cols: Any) -> np.ndarray:
     """Item attribute records in the snapshot layout, defaults overridden by ``cols``."""
-    rec = np.zeros(n, dtype=list(ITEM_ATTRIBUTES))
+    rec = np.zeros(n, dtype=ITEM_ATTRIBUTES.record_fields())
     rec["category"] = rec["brand"] = rec["first_seen_day"] = rec["exposure_cap"] = -1
     rec["quality"] = 1.0
     for name, values in cols.items():

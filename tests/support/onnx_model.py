@@ -17,8 +17,9 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from mtrank.attributes import ITEM_ATTRIBUTES
 from mtrank.registry import METADATA_FILE, MODEL_FILE, ModelVersion, Registry
-from mtrank.snapshot import ITEM_ATTRIBUTES, Snapshot, item_dtype, user_dtype
+from mtrank.snapshot import Snapshot, item_dtype, user_dtype
 from mtrank.spec import DenseField, FeatureSpec, SparseField, TaskOutput
 
 OUTPUTS = ("ctr", "cvr", "stay", "cart", "collect")
@@ -151,7 +152,7 @@ def build_test_snapshot(
     items = np.zeros(n_items, dtype=item_dtype(spec))
     for k in range(n_items):
         items["sparse"][k], items["dense"][k] = spec.encode_entity("item", raw_entity("item", k))
-    for name, dtype in ITEM_ATTRIBUTES:
+    for name, dtype in ITEM_ATTRIBUTES.record_fields():
         low, high = (0, 50) if name != "promoted" else (0, 2)
         items[name] = rng.uniform(low, high, n_items).astype(dtype)
     return Snapshot(

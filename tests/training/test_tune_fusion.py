@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import yaml
 
-from service.fusion import load_fusion_file
+from mtrank.fusion import load_fusion_file
 from service.ranking_config import load_ranking_config
 from tests.support.trained import CONFIGS, TrainedWorld
 from training import tune_fusion

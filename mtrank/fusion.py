@@ -45,13 +45,17 @@ import tokenize
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 import yaml
 from numpy.typing import NDArray
-from pydantic import BaseModel, ConfigDict, Field, FiniteFloat, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, FiniteFloat, field_validator
 
+from mtrank.attributes import ITEM_ATTRIBUTES
+from mtrank.yamlio import KeyedError, load_yaml_model
+
+RULE_WEIGHT = "rule_weight"  # the product of a scene's boost/demotion multipliers
 DEFAULT_FORMULA = (
     "ctr * (alpha + cvr) * (beta + price) * stay ** a * cart ** b * collect ** c * rule_weight"
 )
@@ -118,17 +122,12 @@ _FORBIDDEN_KINDS: dict[type[ast.AST], str] = {
 }
 
 
-class FusionError(ValueError):
+class FusionError(KeyedError):
     """A formula or fusion file that is not accepted; the message names the token or key.
 
     ``key`` is the config key the problem belongs to (``"formula"``, ``"params.alpha"``) so a
     caller embedding the fusion config can prefix its own key path.
     """
-
-    def __init__(self, detail: str, key: str | None = None) -> None:
-        super().__init__(f"{key}: {detail}" if key else detail)
-        self.key = key
-        self.detail = detail
 
 
 # -- safe element-wise operations (all float64, called under np.errstate(all="ignore")) --
@@ -490,74 +489,6 @@ class FusionConfig(BaseModel):
         return Formula.parse(self.formula, inputs, constants=self.params)
 
 
-class _StrictLoader(yaml.SafeLoader):
-    """Safe YAML that rejects a key repeated in one mapping (PyYAML keeps the last silently)."""
-
-
-def _no_duplicates(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool = False) -> Any:
-    keys = [loader.construct_object(k, deep=deep) for k, _ in node.value]
-    dup = next((k for i, k in enumerate(keys) if k in keys[:i]), None)
-    if dup is not None:
-        raise yaml.constructor.ConstructorError(
-            None, None, f"key {dup!r} appears twice", node.start_mark
-        )
-    return loader.construct_mapping(node, deep=deep)
-
-
-_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _no_duplicates)
-
-
-def strict_yaml_load(text: str) -> Any:
-    """Parse YAML safely; a repeated key is an error (a silently dropped setting is worse)."""
-    return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - _StrictLoader is a SafeLoader
-
-
-_BOUNDS = {
-    "greater_than_equal": (">=", "ge"),
-    "greater_than": (">", "gt"),
-    "less_than_equal": ("<=", "le"),
-    "less_than": ("<", "lt"),
-}
-_PHRASES = {"extra_forbidden": "unknown key", "missing": "required key is missing"}
-
-
-def validation_message(err: ValidationError) -> str:
-    """First pydantic error as ``key.path[0].x: message`` (shared with ranking_config)."""
-    e = err.errors()[0]
-    key = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in e["loc"]).lstrip(".")
-    ctx = e.get("ctx") or {}
-    kind = e["type"]
-    if kind in _BOUNDS:
-        symbol, bound = _BOUNDS[kind]
-        msg = f"must be {symbol} {ctx.get(bound)}"
-    elif kind == "value_error":
-        cause = ctx.get("error", e["msg"])
-        msg = cause.detail if isinstance(cause, FusionError) else str(cause)
-    else:
-        msg = _PHRASES.get(kind, e["msg"])
-    return f"{key or '(top level)'}: {msg}"
-
-
-_Model = TypeVar("_Model", bound=BaseModel)
-
-
-def load_yaml_model(
-    path: Path, model: type[_Model], error: type[Exception], what: str, shape: str
-) -> _Model:
-    """Read a strict-YAML file into ``model``; every failure is ``error`` naming the file (and,
-    for a validation failure, the key path). Shared by the fusion and ranking config loaders."""
-    try:
-        data = strict_yaml_load(path.read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError) as e:
-        raise error(f"{path}: cannot read {what}: {e}") from e
-    if not isinstance(data, dict):
-        raise error(f"{path}: {shape}")
-    try:
-        return model.model_validate(data)
-    except ValidationError as e:
-        raise error(f"{path}: {validation_message(e)}") from e
-
-
 def load_fusion_file(path: str | os.PathLike[str]) -> FusionConfig:
     """Read a fusion YAML file (``formula`` + ``params``); errors name the file and the key."""
     return load_yaml_model(
@@ -575,3 +506,21 @@ def save_fusion_file(config: FusionConfig, path: str | os.PathLike[str]) -> Path
     tmp.write_text(yaml.safe_dump(doc, sort_keys=False), encoding="utf-8")
     tmp.replace(path)
     return path
+
+
+def formula_inputs(
+    outputs: Mapping[str, Any],
+    attrs: Any,
+    rule_weight: Any,
+    extra: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The env a formula evaluates in: model outputs, item attributes, rule_weight, extras.
+
+    ``attrs`` is an item record array (mtrank.snapshot layout) or a mapping of columns; the
+    attributes read are those marked ``formula`` in :data:`mtrank.attributes.ITEM_ATTRIBUTES`.
+    """
+    env: dict[str, Any] = dict(outputs)
+    env.update({name: attrs[name] for name in ITEM_ATTRIBUTES.formula_names})
+    env[RULE_WEIGHT] = rule_weight
+    env.update(extra or {})
+    return env

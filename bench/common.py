@@ -86,9 +86,10 @@ def fit_and_test(cfg: Any, out_dir: Path, cache_dir: Path) -> dict[str, Any]:
     Returns the flat test metrics, the per-epoch history (train losses, validation metrics),
     the best epoch and the wall time of training alone.
     """
+    from training.checkpoint import load_checkpoint
     from training.data import prepare
     from training.evaluate import evaluate
-    from training.train import load_checkpoint, train
+    from training.train import train
 
     data = prepare(cfg.dataset, cache_dir)
     if data.test is None:
@@ -190,7 +191,7 @@ def write_result(
     path: Path, name: str, argv: Sequence[str], started: float, payload: dict[str, Any]
 ) -> Path:
     """Write ``payload`` with the command (module ``bench.name``), machine, load and wall time."""
-    from training.evaluate import to_json
+    from training.reports import to_json
 
     record = {
         "benchmark": path.stem,

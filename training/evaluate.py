@@ -21,9 +21,7 @@ The trainer calls :func:`evaluate` for validation, so early stopping can use any
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -31,10 +29,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from training.checkpoint import load_checkpoint
 from training.config import TaskColumn
 from training.data import Encoded
 from training.metrics import auc, calibration, gauc, logloss, rmse
 from training.models.base import MultiTaskModel, funnel_pairs
+from training.reports import write_report
 
 log = logging.getLogger(__name__)
 
@@ -154,24 +154,6 @@ def flat_metrics(report: dict[str, Any]) -> dict[str, float]:
     return flat
 
 
-def to_json(obj: Any) -> Any:
-    """NaN and infinities become null: the report must be strict JSON."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: to_json(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [to_json(v) for v in obj]
-    return obj
-
-
-def write_report(report: dict[str, Any], path: Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(to_json(report), indent=1, sort_keys=True, allow_nan=False))
-    return path
-
-
 class EvaluationError(RuntimeError):
     """The checkpoint and the data do not fit together (missing split, different vocabularies)."""
 
@@ -181,7 +163,6 @@ def evaluate_checkpoint(
 ) -> dict[str, Any]:
     """Load a checkpoint, re-encode its dataset with the same spec, and evaluate one split."""
     from training.data import prepare
-    from training.train import load_checkpoint
 
     model, cfg, spec, ckpt = load_checkpoint(checkpoint)
     data = prepare(cfg.dataset, cache_dir or Path(cfg.out_dir) / ".cache")

@@ -39,11 +39,11 @@ from torch import nn
 
 from mtrank.registry import METADATA_FILE, MODEL_FILE, ModelVersion, Registry, sha256_file
 from mtrank.spec import FeatureSpec
+from training.checkpoint import load_checkpoint
 from training.config import TrainConfig
 from training.data import Batch, prepare
 from training.metrics import auc, rmse
 from training.models.base import MultiTaskModel
-from training.train import load_checkpoint
 
 INT8_FILE = "model.int8.onnx"
 OPSET = 17

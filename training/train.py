@@ -41,16 +41,15 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from mtrank.spec import FeatureSpec
+from training.checkpoint import BEST, save_checkpoint
 from training.config import ConfigError, TrainConfig, load_train_config
 from training.data import Batch, Encoded, PreparedData
-from training.evaluate import evaluate, lower_is_better, to_json
+from training.evaluate import evaluate, lower_is_better
 from training.losses import Weighting, build_weighting
 from training.models import MultiTaskModel, build_model
+from training.reports import to_json
 
 log = logging.getLogger(__name__)
-CHECKPOINT_FORMAT = 1
-BEST = "best.pt"
 HISTORY = "history.json"
 _EXPONENT = re.compile(r"[-+]?\d+(\.\d*)?[eE][-+]?\d+")
 
@@ -120,45 +119,6 @@ def to_device(batch: Batch, device: torch.device) -> tuple[Tensor, Tensor, dict[
     dense = torch.from_numpy(np.asarray(batch.dense)).to(device)  # (B, D) float32
     labels = {t: torch.from_numpy(np.asarray(y)).to(device) for t, y in batch.labels.items()}
     return sparse, dense, labels
-
-
-# ---------------------------------------------------------------- checkpoints
-def save_checkpoint(
-    path: Path,
-    model: MultiTaskModel,
-    weighting: Weighting,
-    cfg: TrainConfig,
-    spec: FeatureSpec,
-    **extra: Any,
-) -> Path:
-    """Everything needed to rebuild ``model`` without the config file (written atomically)."""
-    state = {
-        "format": CHECKPOINT_FORMAT,
-        "model_state": model.state_dict(),
-        "weighting_state": weighting.state_dict(),
-        "config": cfg.model_dump(mode="json"),
-        "spec": spec.to_json(),
-        **to_json(extra),
-    }
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-    return path
-
-
-def load_checkpoint(
-    path: Path | str, map_location: str = "cpu"
-) -> tuple[MultiTaskModel, TrainConfig, FeatureSpec, dict[str, Any]]:
-    """(model in eval mode, its config, its feature spec, the raw checkpoint dict)."""
-    ckpt: dict[str, Any] = torch.load(Path(path), map_location=map_location, weights_only=True)
-    if ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path}: not an mtrank checkpoint (format {ckpt.get('format')!r})")
-    cfg = TrainConfig.model_validate(ckpt["config"])
-    spec = FeatureSpec.model_validate_json(ckpt["spec"])
-    model = build_model(cfg, spec)
-    model.load_state_dict(ckpt["model_state"])
-    model.eval()
-    return model, cfg, spec, ckpt
 
 
 # ---------------------------------------------------------------- the loop

@@ -23,7 +23,7 @@ from service.features.loader import load_snapshot_to_redis
 from service.settings import Settings
 from tests.support.app_client import AppClient
 from tests.support.trained import TrainedWorld
-from training.train import load_checkpoint
+from training.checkpoint import load_checkpoint
 
 pytestmark = pytest.mark.integration
 REDIS_URL = "redis://127.0.0.1:6379/0"

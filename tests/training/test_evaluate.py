@@ -13,11 +13,13 @@ import yaml
 from mtrank.spec import DenseField, FeatureSpec, SparseField, TaskOutput
 from training import evaluate as ev
 from training import train as tr
+from training.checkpoint import load_checkpoint
 from training.config import DatasetSpec, ModelConfig, SparseColumn, TaskColumn, TrainConfig
 from training.data import Encoded
 from training.metrics import auc, gauc, logloss, rmse
 from training.models import build_model
 from training.models.base import MultiTaskModel
+from training.reports import write_report
 
 TASKS = [
     TaskColumn(name="ctr", label="click"),
@@ -115,7 +117,7 @@ def test_report_json_is_strict(tmp_path: Path) -> None:
     assert (
         "gauc" not in report["tasks"]["ctr"] and "auc_entire_space" not in report["funnels"]["cvr"]
     )
-    path = ev.write_report(report, tmp_path / "r.json")
+    path = write_report(report, tmp_path / "r.json")
     loaded = json.loads(path.read_text(), parse_constant=lambda c: pytest.fail(f"non-JSON {c}"))
     assert loaded["tasks"]["ctr"]["auc"] is None
 
@@ -136,7 +138,7 @@ def test_train_and_evaluate_clis_end_to_end(tmp_path: Path, ecommerce_dataset: D
     run = tmp_path / "run"
     assert tr.main(["--config", str(path), "--set", "lr=3e-3", "--out", str(run)]) == 0
     assert (run / "best.pt").exists()
-    _, loaded, _, ckpt = tr.load_checkpoint(run / "best.pt")
+    _, loaded, _, ckpt = load_checkpoint(run / "best.pt")
     assert loaded.lr == 3e-3 and ckpt["step"] == 4
     out = tmp_path / "report.json"
     assert (

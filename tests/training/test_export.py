@@ -14,8 +14,9 @@ from mtrank.registry import Registry, sha256_file
 from mtrank.spec import FeatureSpec
 from tests.support.trained import TrainedWorld, ecommerce_config
 from training import export as export_module
+from training.checkpoint import load_checkpoint
 from training.export import ExportError, export, parity_error, parity_inputs
-from training.train import load_checkpoint, train
+from training.train import train
 
 
 @pytest.fixture(scope="module", params=["esmm", "ple", "mmoe_attention"])

@@ -13,6 +13,7 @@ import torch
 from torch.multiprocessing.spawn import spawn
 
 from mtrank.spec import DenseField, FeatureSpec, SparseField, TaskOutput
+from training.checkpoint import load_checkpoint
 from training.config import (
     ConfigError,
     DatasetSpec,
@@ -24,7 +25,7 @@ from training.config import (
     WeightingConfig,
 )
 from training.data import Encoded, LabelReport, PreparedData
-from training.train import load_checkpoint, parse_overrides, train
+from training.train import parse_overrides, train
 
 TASKS = [
     TaskColumn(name="ctr", label="click"),

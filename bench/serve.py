@@ -30,7 +30,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -46,6 +45,7 @@ import numpy as np
 from bench.common import CONFIGS, DATA, REPO, argv_of, format_table, output_paths, write_result
 from bench.serve_floor import Request, inference_alone, make_requests, measure_floor, open_session
 from bench.serve_floor import percentiles as pct
+from harness.processes import free_port
 
 NAME = "ecommerce"
 REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -182,7 +182,7 @@ def model_size(model_path: Path, spec: Any, snap: Any) -> dict[str, Any]:
 def load_redis(snap: Any, namespace: str) -> dict[str, Any]:
     import redis
 
-    from service.features.loader import load_snapshot_to_redis
+    from mtrank.snapshot_loader import load_snapshot_to_redis
 
     client = redis.Redis.from_url(REDIS_URL)
     try:
@@ -212,12 +212,6 @@ def drop_namespace(namespace: str) -> int:
 
 
 # ------------------------------------------------------------------ 2. servers
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @contextlib.contextmanager
 def server(world: World, workers: int, store: str, namespace: str, variant: str) -> Iterator[str]:
     """``mtrank serve`` on a free loopback port; yields its base URL, stops it on exit."""

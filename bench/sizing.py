@@ -16,7 +16,7 @@ sparse indices, dense values and rule attributes) and ids in the synthetic gener
 - **Snapshot file**: size of the ``.npz`` the features job writes.
 
 The spec comes from a registry (``--model-dir`` / ``--model``); without one a tiny model is
-trained and exported in a temporary directory by the real pipeline (tests/support/trained.py):
+trained and exported in a temporary directory by the real pipeline (harness/trained.py):
 the record layout depends on the spec's feature list, not on the model's size.
 
     .venv/bin/python -m bench.sizing --items 200000 --users 200000 --json bench/results/sizing.json
@@ -36,11 +36,11 @@ from typing import Any
 
 import numpy as np
 
+from harness.processes import RedisProcess, ServiceProcess, http_post, rss_kib
 from mtrank.registry import Registry
 from mtrank.snapshot import Snapshot, item_dtype, user_dtype
+from mtrank.snapshot_loader import load_snapshot_to_redis
 from mtrank.spec import FeatureSpec
-from service.features.loader import load_snapshot_to_redis
-from tests.support.servers import RedisProcess, ServiceProcess, http_post, rss_kib
 
 MIB = 1024 * 1024
 
@@ -197,11 +197,11 @@ def resolve_model(model_dir: Path | None, model: str, tmp: Path) -> tuple[Path, 
     """(registry root, spec directory of the served version, where it came from); trains a
     tiny model with the real pipeline when no registry is given."""
     if model_dir is None:
-        from tests.support.trained import build_trained_world
+        from harness.trained import build_trained_world
 
         print("no --model-dir: training a tiny model with the real pipeline ...", flush=True)
         world = build_trained_world(tmp / "world", impressions=5_000)
-        where = "trained here (tests/support/trained.py, 5,000 impressions)"
+        where = "trained here (harness/trained.py, 5,000 impressions)"
         return world.root, world.model.path, where
     mv = Registry(model_dir).resolve(model)
     return model_dir, mv.path, f"{model_dir}/{model}/{mv.version}"

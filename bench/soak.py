@@ -1,7 +1,8 @@
 """Memory soak: does a worker's resident memory grow under steady load?
 
-Starts the reliability stack (a private redis-server with the snapshot, ``mtrank serve
---workers 2`` on free loopback ports), warms it up, then runs a closed-loop load for
+Trains a tiny MMoE with the real pipeline (harness/trained.py), starts the reliability stack on
+it (harness/stack.py: a private redis-server with the snapshot, ``mtrank serve --workers 2`` on
+free loopback ports), warms it up, then runs a closed-loop load for
 ``--seconds`` (default 120) while sampling every worker's RSS (``/proc/PID/status`` VmRSS).
 Prints RSS per worker over time, the growth from the first to the last sample after warm-up and
 a least-squares slope; exits 1 when any worker grew by more than ``--max-growth-mib``.
@@ -22,8 +23,10 @@ from pathlib import Path
 
 import numpy as np
 
-from tests.reliability.conftest import StackFactory, build_model_source, cycle, rank_bodies
-from tests.support.servers import LoadThread, rss_kib
+from harness.load import LoadThread
+from harness.processes import rss_kib
+from harness.stack import StackFactory, build_model_source, cycle, rank_bodies
+from harness.trained import build_trained_world
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -40,7 +43,9 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     tmp = Path(tempfile.mkdtemp(prefix="mtrank-soak-"))
-    factory = StackFactory(tmp, build_model_source(tmp / "registry"), [])
+    print("training a tiny model with the real pipeline ...", flush=True)
+    world = build_trained_world(tmp / "world")
+    factory = StackFactory(tmp, build_model_source(tmp / "registry", world), [])
     try:
         stack = factory()
         pids = stack.service.worker_pids()

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from mtrank import models_cli
+from mtrank.cli import models as models_cli
 from mtrank.registry import CURRENT_FILE, MODEL_FILE, Registry, RegistryError
 
 

@@ -19,18 +19,13 @@ import orjson
 import pytest
 from hypothesis import HealthCheck, given, settings
 
+from harness.load import post_bytes, raw_http
+from harness.stack import ADMIN_TOKEN, ModelSource, Stack, write_ranking
 from mtrank.fusion import Formula, FusionError
 from service.api import deps
 from service.app import create_app
 from service.settings import Settings
-from tests.reliability.conftest import (
-    ADMIN_TOKEN,
-    HOSTILE_FORMULAS,
-    ModelSource,
-    Stack,
-    write_ranking,
-)
-from tests.support.servers import post_bytes, raw_http
+from tests.reliability.conftest import HOSTILE_FORMULAS
 
 pytestmark = pytest.mark.integration
 FAST_S = 1.0

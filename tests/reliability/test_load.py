@@ -15,9 +15,9 @@ from datetime import UTC, datetime, timedelta
 import orjson
 import pytest
 
-from mtrank.snapshot import exposure_key
-from service.features.store import utc_day
-from tests.reliability.conftest import (
+from harness.load import run_load
+from harness.processes import metric_value
+from harness.stack import (
     N_ITEMS,
     NAMESPACE,
     OWN_CAP,
@@ -26,9 +26,10 @@ from tests.reliability.conftest import (
     Stack,
     cycle,
     rank_bodies,
-    summary_of,
 )
-from tests.support.servers import metric_value, run_load
+from mtrank.snapshot import exposure_key
+from service.features.store import utc_day
+from tests.reliability.conftest import summary_of
 
 pytestmark = pytest.mark.integration
 LOAD_SECONDS, CONCURRENCY = 20.0, 32

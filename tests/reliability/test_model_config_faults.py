@@ -15,28 +15,24 @@ import time
 import orjson
 import pytest
 
-from mtrank.registry import Registry
-from tests.reliability.conftest import (
+from harness.load import LoadResult, LoadThread
+from harness.processes import http_get, http_post, metric_value, wait_until
+from harness.stack import (
     ADMIN_TOKEN,
-    HOSTILE_FORMULAS,
     WORKERS,
     Stack,
     StackFactory,
     cycle,
-    publish_copy,
     rank_bodies,
     ranking_yaml,
+)
+from mtrank.registry import Registry
+from tests.reliability.conftest import (
+    HOSTILE_FORMULAS,
+    publish_copy,
     rename_sparse_input,
     summary_of,
     truncate_model,
-)
-from tests.support.servers import (
-    LoadResult,
-    LoadThread,
-    http_get,
-    http_post,
-    metric_value,
-    wait_until,
 )
 
 pytestmark = pytest.mark.integration

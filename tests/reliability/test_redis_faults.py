@@ -4,25 +4,36 @@ The Redis of these tests runs without persistence (``--save "" --appendonly no``
 server comes back empty and the test reloads the snapshot, as an operator (or a start-up job)
 would: that is the restart procedure this file checks. Exposure counters of the day are lost with
 such a restart; a deployment that must keep them runs Redis with AOF or a replica.
+
+What the exposure caps guarantee through an outage depends on the scene's
+``exposure_cap.on_store_failure``: the last test checks both policies on one stack.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
 
 import orjson
 import pytest
 
-from tests.reliability.conftest import Stack, StackFactory, cycle, rank_bodies, summary_of
-from tests.support.servers import (
-    LoadResult,
-    LoadThread,
-    http_get,
-    http_post,
-    metric_value,
-    wait_until,
+from harness.load import LoadResult, LoadThread
+from harness.processes import http_get, http_post, metric_value, wait_until
+from harness.stack import (
+    ADMIN_TOKEN,
+    N_ITEMS,
+    OWN_CAP,
+    OWN_CAP_ITEMS,
+    Stack,
+    StackFactory,
+    cycle,
+    rank_bodies,
+    ranking_yaml,
 )
+from tests.reliability.conftest import summary_of
 
 pytestmark = pytest.mark.integration
 OUTAGE_REASONS = {"feature_store_unavailable", "exposure_reservation_failed"}
@@ -92,6 +103,8 @@ def test_redis_killed_then_restarted_under_load(
         time.sleep(1.5)
         assert [_readyz(stack) for _ in range(4)] == [503] * 4  # still down: never ready
         assert _degraded_total(stack) > degraded_before
+        # fail_open (the default scene): what is served meanwhile is counted as uncounted.
+        assert metric_value(stack.service.metrics(), "mtrank_exposures_uncounted_total") > 0
         stack.redis.start()
         stack.load_snapshot()  # no persistence: the operator reloads the snapshot
         back_at = time.monotonic()
@@ -157,3 +170,88 @@ def test_redis_restarted_empty_is_reported(fault_stack: Stack) -> None:
         stack.load_snapshot()
     assert ready == [503] * 4, "an empty Redis (no snapshot) is reported ready"
     assert degraded != [], "answers built only from defaults are not flagged degraded"
+
+
+# ------------------------------------------------------------------ exposure caps per policy
+CLOSED_SCENE = """
+  closed:
+    rules:
+      exposure_cap: {enabled: true, default_daily_cap: null, on_store_failure: fail_closed}
+"""
+CAPPED = [f"i{k}" for k in range(N_ITEMS - OWN_CAP_ITEMS, N_ITEMS)]  # own cap OWN_CAP each
+UNCAPPED = [f"i{k}" for k in range(6)]  # fewer than `size`: some capped items rank on top
+
+
+@pytest.fixture(scope="module")
+def policy_stack(make_stack: StackFactory) -> Stack:
+    """One worker (so one admin reload reaches all) with a ``fail_closed`` scene added."""
+    stack = make_stack(workers=1)
+    stack.ranking_path.write_text(ranking_yaml(stack.source.spec) + CLOSED_SCENE)
+    auth = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+    status, raw = http_post(stack.service.base_url + "/admin/reload", b"", auth)
+    assert status == 200, raw
+    return stack
+
+
+def _rank(stack: Stack, scene: str, shown: Counter[str] | None = None) -> dict[str, Any]:
+    body = {"user_id": "u1", "candidates": [{"item_id": i} for i in UNCAPPED + CAPPED],
+            "size": 10, "scene": scene}  # fmt: skip
+    status, raw = http_post(stack.service.base_url + "/rank", orjson.dumps(body))
+    assert status == 200, raw
+    answer: dict[str, Any] = orjson.loads(raw)
+    if shown is not None:
+        shown.update(it["item_id"] for it in answer["items"])
+    return answer
+
+
+@contextmanager
+def _writes_refused(stack: Stack) -> Iterator[None]:
+    """Redis out of memory under ``noeviction``: reads are answered, every write is refused."""
+    conn = stack.redis.client()
+    conn.config_set("maxmemory", 1)
+    try:
+        yield
+    finally:
+        conn.config_set("maxmemory", 0)
+        conn.close()
+
+
+def test_exposure_caps_when_redis_fails_per_policy(policy_stack: Stack) -> None:
+    """fail_closed never passes a cap through an outage; fail_open serves and counts the loss."""
+    stack = policy_stack
+    shown: Counter[str] = Counter()  # what the fail_closed scene returned, per item
+    for _ in range(2):
+        assert _rank(stack, "closed", shown)["degraded"] == []
+    assert set(CAPPED) & set(shown), "no capped item ranked: the test proves nothing"
+    with _writes_refused(stack):
+        for _ in range(4):
+            answer = _rank(stack, "closed", shown)
+            assert answer["degraded"] == ["exposure_reservation_failed"]
+            assert sorted(it["item_id"] for it in answer["items"]) == sorted(UNCAPPED)
+    for _ in range(3):  # back: the counters survived, the caps keep holding
+        assert _rank(stack, "closed", shown)["degraded"] == []
+    over = {i: n for i, n in shown.items() if i in CAPPED and n > OWN_CAP}
+    assert over == {}, f"fail_closed passed caps: {over}"
+    text = stack.service.metrics()
+    assert metric_value(text, "mtrank_items_dropped_total", {"reason": "exposure_cap_unreserved"})
+    uncounted_before = metric_value(text, "mtrank_exposures_uncounted_total")
+
+    # fail_open (the default scene) through the same outage: answers as if healthy, none of
+    # their items counted (so the second answer repeats the first); the metric counts them.
+    with _writes_refused(stack):
+        first, second = _rank(stack, "default"), _rank(stack, "default")
+    assert first["degraded"] == second["degraded"] == ["exposure_reservation_failed"]
+    assert first["items"] and first["items"] == second["items"]
+    uncounted = metric_value(stack.service.metrics(), "mtrank_exposures_uncounted_total")
+    assert uncounted == uncounted_before + 2 * len(first["items"])
+
+    # Redis killed: the feature read fails too, own caps are unknown, fail_closed serves nothing.
+    stack.redis.kill()
+    try:
+        closed, opened = _rank(stack, "closed"), _rank(stack, "default")
+    finally:
+        stack.redis.start()
+        stack.load_snapshot()
+    down = ["feature_store_unavailable", "exposure_reservation_failed"]
+    assert closed["degraded"] == down and closed["items"] == []
+    assert opened["degraded"] == down and len(opened["items"]) == 10

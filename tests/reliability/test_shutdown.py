@@ -18,8 +18,9 @@ from typing import Any
 import orjson
 import pytest
 
-from tests.reliability.conftest import Stack, StackFactory, rank_bodies
-from tests.support.servers import LOOPBACK, _Dropped, _read_response, _request_bytes
+from harness.load import _Dropped, _read_response, _request_bytes
+from harness.processes import LOOPBACK
+from harness.stack import Stack, StackFactory, rank_bodies
 
 pytestmark = pytest.mark.integration
 CONNECTIONS, PAUSE_MS, EXIT_LIMIT_S = 32, 2500, 15.0

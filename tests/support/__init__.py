@@ -1,19 +1,14 @@
-"""Shared helpers of the service tests: real Redis namespaces and private Redis servers.
+"""Shared helpers of the service tests: real Redis namespaces.
 
 Tests talk to the real redis-server on 127.0.0.1:6379 under a namespace unique to the test,
 deleted afterwards; tests that must see the whole server (command counts, a server going down)
-start their own ``redis-server`` on a free port.
+start their own ``redis-server`` on a free port (:class:`harness.processes.RedisProcess`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import shutil
-import socket
-import subprocess
-import tempfile
-import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -45,57 +40,6 @@ def redis_namespace(url: str = REDIS_URL) -> Iterator[tuple[redis.Redis, str]]:
     finally:
         delete_namespace(client, namespace)
         client.close()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class RedisServer:
-    """A private, throw-away redis-server on a free port (no persistence)."""
-
-    def __init__(self, port: int | None = None) -> None:
-        self.port = port or free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self._dir = tempfile.mkdtemp(prefix="mtrank-redis-")
-        self._proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> RedisServer:
-        binary = shutil.which("redis-server") or "redis-server"
-        args = [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", ""]
-        args += ["--appendonly", "no", "--dir", self._dir]
-        self._proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        client = redis.Redis(port=self.port, socket_connect_timeout=0.2)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                client.ping()
-                break
-            except redis.ConnectionError:
-                if time.monotonic() > deadline:
-                    self.stop()
-                    raise
-                time.sleep(0.02)
-        client.close()
-        return self
-
-    def stop(self) -> None:
-        if self._proc is not None:
-            self._proc.terminate()
-            self._proc.wait(timeout=10)
-            self._proc = None
-
-    def client(self) -> redis.Redis:
-        return redis.Redis(port=self.port)
-
-    def __enter__(self) -> RedisServer:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-        shutil.rmtree(self._dir, ignore_errors=True)
 
 
 def reserve_in_process(

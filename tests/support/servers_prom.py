@@ -23,7 +23,7 @@ from typing import Any
 
 import yaml
 
-from tests.support.servers import LOOPBACK, free_port, wait_until
+from harness.processes import LOOPBACK, LoggedProcess, free_port
 
 
 class PrometheusError(RuntimeError):
@@ -80,13 +80,15 @@ class PromAPI:
             raise PrometheusError(f"{path} {dict(params or {})}: {doc.get('error', doc)}")
         return doc["data"]
 
-    def query(self, expr: str) -> list[dict[str, Any]]:
-        """Instant query at "now": the result vector (``[]`` when nothing matches).
+    def query(self, expr: str, at: float | None = None) -> list[dict[str, Any]]:
+        """Instant query at ``at`` (unix seconds; default "now"): the result vector (``[]`` when
+        nothing matches).
 
         Only vectors are expected from the expressions under test; a scalar or string result
         raises, so an expression that stopped being a vector does not pass unnoticed.
         """
-        data = self._get("/api/v1/query", {"query": expr})
+        params = {"query": expr} | ({} if at is None else {"time": f"{at:.3f}"})
+        data = self._get("/api/v1/query", params)
         if data["resultType"] != "vector":
             raise PrometheusError(f"{expr!r}: expected a vector, got {data['resultType']}")
         return list(data["result"])
@@ -110,13 +112,15 @@ class PromAPI:
             return False
 
 
-class PrometheusProcess:
+class PrometheusProcess(LoggedProcess):
     """``prometheus`` on a free 127.0.0.1 port with a private config and data directory.
 
     Usage: ``with PrometheusProcess(config) as prom: prom.api.query(...)``. The config is the
     dict of :func:`scrape_config` (or any valid config); it is checked by Prometheus itself at
     start, so a bad one fails start-up with the server's own message.
     """
+
+    proc_name = "prometheus"
 
     def __init__(self, config: Mapping[str, Any], port: int | None = None) -> None:
         self.port = port or free_port()
@@ -139,27 +143,9 @@ class PrometheusProcess:
             f"--web.listen-address={LOOPBACK}:{self.port}",
             "--log.level=warn",
         ]
-        log = self.log_path.open("ab")
-        self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-        log.close()
-
-        def up() -> bool:
-            if self.proc is None or self.proc.poll() is not None:
-                raise RuntimeError(f"prometheus exited during start-up:\n{self.log_text()}")
-            return self.api.ready()
-
-        try:
-            wait_until(up, timeout_s, 0.1)
-        except BaseException:
-            self.stop()
-            raise
+        self._spawn(cmd)
+        self._wait_ready(self.api.ready, timeout_s)
         return self
-
-    def log_text(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
 
     def stop(self, timeout_s: float = 15.0) -> None:
         """SIGTERM (Prometheus flushes its head block), SIGKILL if it takes too long."""

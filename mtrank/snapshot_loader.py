@@ -9,6 +9,10 @@ and the previous version stays whole for a quick rollback (switch the pointer ba
 
 Loading the same snapshot again rewrites identical bytes under the same keys and sets the
 pointer to the version it already holds: harmless.
+
+The writer side of the key layout in :mod:`mtrank.snapshot`, so it lives in the contract: the
+``mtrank features load`` job, the benchmarks and the tests all load through it. It needs only a
+client object; redis-py itself (in both extras, not in the core) is imported for type checking.
 """
 
 from __future__ import annotations
@@ -19,12 +23,14 @@ import re
 import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import redis
 
 from mtrank.snapshot import Snapshot, item_key, meta_key, pointer_key, user_key
+
+if TYPE_CHECKING:
+    import redis
 
 Progress = Callable[[int], None]  # records written by the batch just sent (tqdm's update)
 _VERSION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")

@@ -2,6 +2,10 @@
 
 Each subcommand lives in the half that owns it and is imported only when called, so the service
 image (no torch) can run ``mtrank serve`` and ``mtrank models`` without the training stack.
+
+This package is the top layer: it (and ``mtrank demo``, which drives both halves) may import
+training/ and service/; nothing else in ``mtrank`` may (the import-linter contracts in
+pyproject.toml keep it so).
 """
 
 from __future__ import annotations
@@ -17,9 +21,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "export": ("training.export", "export a checkpoint to ONNX into the model registry"),
     "features": ("training.features", "build feature snapshots / load them into Redis"),
     "tune-fusion": ("training.tune_fusion", "grid/random search of the fusion parameters"),
-    "models": ("mtrank.models_cli", "list model versions, promote one to current"),
+    "models": ("mtrank.cli.models", "list model versions, promote one to current"),
     "serve": ("service.cli", "run the ranking service (uvicorn)"),
-    "demo": ("mtrank.demo", "train a small model if none exists, then serve it"),
+    "demo": ("mtrank.cli.demo", "train a small model if none exists, then serve it"),
 }
 
 
@@ -52,7 +56,3 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     rc: int = module.main(rest)
     return rc
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,8 +1,8 @@
-"""A real end-to-end world for integration tests: synthetic logs -> train -> export -> snapshot.
+"""A real end-to-end world: synthetic logs -> train -> export -> snapshot.
 
 Everything the service needs comes out of the training pipeline itself (no hand-built graphs), so
-tests that use it exercise the real contract between the two halves. Sizes are tiny so the whole
-chain runs in seconds on two cores.
+the integration tests and the benchmarks that use it exercise the real contract between the two
+halves. Sizes are tiny so the whole chain runs in seconds on two cores.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from training.features import build_snapshot, read_table
 from training.synthetic import generate_ecommerce
 from training.train import train
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "training" / "configs"
 TINY_MODEL: dict[str, Any] = {
     "model.embed_dim": 8,

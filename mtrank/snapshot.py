@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import io
 import json
+import time
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -123,7 +124,11 @@ def exposure_key(namespace: str, day: str, item_id: str) -> bytes:
 
 @dataclass
 class Snapshot:
-    """Encoded users and items of one snapshot version, as stored in ``snapshot.npz``."""
+    """Encoded users and items of one snapshot version, as stored in ``snapshot.npz``.
+
+    ``built_at`` (unix time, set when the snapshot is built) travels in the meta, to the file and
+    to Redis, so the service can report how old the features it serves are.
+    """
 
     spec_sha256: str
     version: str
@@ -132,12 +137,14 @@ class Snapshot:
     item_ids: np.ndarray  # (I,) str
     items: np.ndarray  # (I,) item_dtype records
     attribute_tables: dict[str, list[str]] = field(default_factory=dict)
+    built_at: float = field(default_factory=time.time)
 
     def meta(self) -> dict[str, Any]:
         return {
             "format": SNAPSHOT_FORMAT,
             "version": self.version,
             "spec_sha256": self.spec_sha256,
+            "built_at": self.built_at,
             "n_users": int(len(self.user_ids)),
             "n_items": int(len(self.item_ids)),
             "user_record_bytes": int(self.users.dtype.itemsize),
@@ -190,4 +197,6 @@ class Snapshot:
             item_ids=arrays["item_ids"],
             items=np.ascontiguousarray(arrays["items"]).view(idt).reshape(-1),
             attribute_tables={k: list(v) for k, v in meta.get("attribute_tables", {}).items()},
+            # A file written before metas carried built_at: it was written when it was built.
+            built_at=float(meta.get("built_at", Path(path).stat().st_mtime)),
         )

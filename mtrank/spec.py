@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from functools import cached_property
 from pathlib import Path
 from typing import Literal
@@ -59,8 +59,9 @@ class SparseField(_Frozen):
 
     def encode_many(self, values: Iterable[object]) -> np.ndarray:
         """(n,) int64 indices of raw values; each distinct value is looked up once (encode)."""
-        seen: dict[object, int] = {}
-        slots = [seen.setdefault(v, len(seen)) for v in values]
+        # Keyed by the text encode() looks up: 7 and 7.0 are equal dict keys but "7" != "7.0".
+        seen: dict[str | None, int] = {}
+        slots = [seen.setdefault(None if v is None else str(v), len(seen)) for v in values]
         codes = [self.encode(v) for v in seen]
         table = np.asarray(codes, dtype=np.int64)
         return table[np.asarray(slots, dtype=np.intp)] if slots else np.empty(0, np.int64)
@@ -193,8 +194,3 @@ def build_vocab(values: Iterable[object], min_count: int = 1) -> list[str]:
     kept = [(c, k) for k, c in counts.items() if c >= min_count]
     kept.sort(key=lambda ck: (-ck[0], ck[1]))
     return [k for _, k in kept]
-
-
-def column_order(spec: FeatureSpec) -> Sequence[str]:
-    """Every input column name in model order: sparse first, then dense."""
-    return [f.name for f in spec.sparse] + [f.name for f in spec.dense]

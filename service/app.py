@@ -37,6 +37,7 @@ from service.features.store import FeatureStore, FeatureStoreError
 from service.metrics import Metrics, multiprocess_dir
 from service.pipeline import Ranker
 from service.runtime import ModelManager, ReloadResult
+from service.serving_state import ServingState
 from service.settings import Settings, load_settings
 
 log = logging.getLogger("mtrank.app")
@@ -65,16 +66,12 @@ def open_store(settings: Settings, spec: FeatureSpec) -> FeatureStore:
 
 
 def _reload_hook(metrics: Metrics) -> Any:
-    previous: list[tuple[str, str]] = []
-
     def on_reload(result: ReloadResult) -> None:
         if result.result == "unchanged":
             return
         metrics.model_reloads.labels(result=result.result).inc()
         if result.result == "success":
-            versions = list(result.versions.items())
-            metrics.set_models(versions, previous)
-            previous[:] = versions
+            metrics.set_models(result.versions, result.providers)
 
     return on_reload
 
@@ -94,16 +91,16 @@ async def start_services(settings: Settings, metrics: Metrics) -> Services:
     store = open_store(settings, spec)
     executor = ThreadPoolExecutor(settings.inference_threads, thread_name_prefix="mtrank-ort")
     try:
-        ranker = Ranker(
-            manager, store, spec, settings.ranking_config, metrics, executor,
-            settings.max_candidates,
-        )  # fmt: skip
+        state = ServingState(
+            manager, store, spec, settings.ranking_config, metrics, settings.max_candidates
+        )
     except Exception:
         executor.shutdown(wait=False)
         await store.close()
         raise
     metrics.feature_store_up.set(1 if await store.ping() else 0)
-    return Services(settings, metrics, ranker, executor)
+    metrics.track_snapshot(lambda: store.snapshot_built_at, settings.snapshot_max_age_seconds)
+    return Services(settings, metrics, state, Ranker(state, store, metrics, executor), executor)
 
 
 @asynccontextmanager
@@ -113,14 +110,16 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.services = services
     watchers: list[asyncio.Task[None]] = []
     if settings.reload_poll_seconds > 0:  # the models' `current` pointers
-        watch = services.ranker.manager.watch(settings.reload_poll_seconds)
+        watch = services.state.manager.watch(settings.reload_poll_seconds)
         watchers.append(asyncio.create_task(watch, name="mtrank-watch"))
     if settings.config_poll_seconds > 0:  # the ranking config file, in every worker
-        watch_config = services.ranker.watch_config(settings.config_poll_seconds)
+        watch_config = services.state.watch_config(settings.config_poll_seconds)
         watchers.append(asyncio.create_task(watch_config, name="mtrank-config"))
+    age = app.state.metrics.keep_snapshot_age()  # every worker keeps its own value current
+    watchers.append(asyncio.create_task(age, name="mtrank-snapshot-age"))
     gc.collect()
     gc.freeze()  # start-up objects live forever: keep them out of every future collection
-    log.info("mtrank ready: models %s", services.ranker.manager.current().versions)
+    log.info("mtrank ready: models %s", services.state.manager.current().versions)
     try:
         yield
     finally:
@@ -128,7 +127,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await watcher
-        await services.ranker.store.close()
+        await services.state.store.close()
         services.executor.shutdown(wait=False)
         app.state.services = None
         gc.unfreeze()

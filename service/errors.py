@@ -62,13 +62,6 @@ class Unauthorized(RankingError):
     error_type = "unauthorized"
 
 
-class NotFound(RankingError):
-    """No such route or resource (404)."""
-
-    status_code = 404
-    error_type = "not_found"
-
-
 class NotReady(RankingError):
     """The model or the feature store is not loaded yet (503)."""
 

@@ -8,9 +8,10 @@ client then writes every value to per-process files, gauges declare how processe
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 
 from prometheus_client import (
@@ -23,7 +24,7 @@ from prometheus_client import (
 )
 from prometheus_client.multiprocess import MultiProcessCollector
 
-STAGES = ("parse", "features", "inference", "fusion", "rules", "total")
+STAGES = ("parse", "features", "inference", "fusion", "rules", "reserve", "total")
 # Every reason the pipeline can put in `degraded`: their series start at 0, so rate() and
 # increase() see the first degraded response after a start (a series born at 1 hides it).
 DEGRADED_REASONS = (
@@ -38,6 +39,9 @@ STAGE_BUCKETS = (
     0.075, 0.1, 0.25, 0.5, 1.0, 2.5,
 )  # fmt: skip
 CANDIDATE_BUCKETS = (1, 10, 50, 100, 200, 500, 1000, 2000, 5000, 10000)
+# How often every worker rewrites its snapshot age: with several workers /metrics reads each
+# worker's last written value, so a worker no scrape reaches must still keep its own current.
+SNAPSHOT_AGE_UPDATE_S = 5.0
 
 
 def multiprocess_dir() -> str | None:
@@ -45,7 +49,7 @@ def multiprocess_dir() -> str | None:
 
 
 class Metrics:
-    """Every metric of HELPERS.md, exactly as named there."""
+    """Every metric of the service, named as docs/api.md lists them."""
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
@@ -79,11 +83,19 @@ class Metrics:
         self.rule_effects = Counter(
             "mtrank_rule_effects", "Items touched by a re-rank rule", ["rule"], registry=r
         )
-        # max over live workers: a version any live worker serves shows 1.
-        self.model_info = Gauge(
-            "mtrank_model_info", "Loaded model versions (1 = serving)", ["name", "version"],
-            registry=r, multiprocess_mode="livemax",
+        # fail_open serves items whose exposure could not be reserved: caps may be exceeded by at
+        # most this many exposures (fail_closed only serves uncapped items uncounted).
+        self.exposures_uncounted = Counter(
+            "mtrank_exposures_uncounted", "Items served without a counted exposure (store failed)",
+            registry=r,
         )  # fmt: skip
+        # max over live workers: a version any live worker serves shows 1. `provider` is the
+        # execution provider the session really runs on (a CUDA that did not start shows CPU).
+        self.model_info = Gauge(
+            "mtrank_model_info", "Loaded model versions (1 = serving)",
+            ["name", "version", "provider"], registry=r, multiprocess_mode="livemax",
+        )  # fmt: skip
+        self._model_series: set[tuple[str, str, str]] = set()  # every model_info series set
         self.model_reloads = Counter(
             "mtrank_model_reloads", "Model / config reload attempts", ["result"], registry=r
         )
@@ -95,6 +107,17 @@ class Metrics:
             "mtrank_feature_store_up", "Feature store reachable (1) or not (0)",
             registry=r, multiprocess_mode="livemin",
         )  # fmt: skip
+        # max over live workers: the oldest snapshot any worker still serves. 0 while no
+        # snapshot with a build time is known.
+        self.snapshot_age = Gauge(
+            "mtrank_feature_snapshot_age_seconds", "Seconds since the served snapshot was built",
+            registry=r, multiprocess_mode="livemax",
+        )  # fmt: skip
+        self.snapshot_max_age = Gauge(
+            "mtrank_feature_snapshot_max_age_seconds", "Snapshot age at which an alert fires",
+            registry=r, multiprocess_mode="livemax",
+        )  # fmt: skip
+        self._snapshot_built_at: Callable[[], float | None] = lambda: None
         # Children created up front so every fixed series is visible from the first scrape.
         for stage in STAGES:
             self.stage_seconds.labels(stage=stage)
@@ -120,16 +143,35 @@ class Metrics:
             if timings is not None:
                 timings[name] = elapsed
 
-    def set_models(self, versions: list[tuple[str, str]], previous: list[tuple[str, str]]) -> None:
-        """Mark ``versions`` as serving and any other ``previous`` version as not."""
-        for name, version in previous:
-            if (name, version) not in versions:
-                self.model_info.labels(name=name, version=version).set(0)
-        for name, version in versions:
-            self.model_info.labels(name=name, version=version).set(1)
+    def set_models(self, versions: Mapping[str, str], providers: Mapping[str, str]) -> None:
+        """Mark the served models (name -> version, name -> provider) 1, every other series 0."""
+        serving = {(name, v, providers.get(name, "")) for name, v in versions.items()}
+        for name, version, provider in self._model_series - serving:
+            self.model_info.labels(name=name, version=version, provider=provider).set(0)
+        for name, version, provider in serving:
+            self.model_info.labels(name=name, version=version, provider=provider).set(1)
+        self._model_series |= serving
+
+    def track_snapshot(self, built_at: Callable[[], float | None], max_age_s: float) -> None:
+        """Report the age of the snapshot whose build time ``built_at()`` gives (None: unknown)."""
+        self._snapshot_built_at = built_at
+        self.snapshot_max_age.set(max_age_s)
+        self.update_snapshot_age()
+
+    def update_snapshot_age(self, now: float | None = None) -> None:
+        built = self._snapshot_built_at()
+        now = time.time() if now is None else now
+        self.snapshot_age.set(0.0 if built is None else max(0.0, now - built))
+
+    async def keep_snapshot_age(self, interval_s: float = SNAPSHOT_AGE_UPDATE_S) -> None:
+        """Update the snapshot age every ``interval_s`` (a task in every worker)."""
+        while True:
+            self.update_snapshot_age()
+            await asyncio.sleep(interval_s)
 
     def exposition(self) -> tuple[bytes, str]:
         """The text format for ``GET /metrics``, aggregated over workers in multiprocess mode."""
+        self.update_snapshot_age()  # this worker's exact; the others' at most a few seconds old
         path = multiprocess_dir()
         if path is None:
             return generate_latest(self.registry), CONTENT_TYPE_LATEST

@@ -67,10 +67,27 @@ def _known_attribute(field: str, allowed: Iterable[str]) -> str:
 
 
 class ExposureCap(_Strict):
-    """Daily exposure cap: items shown ``cap`` times today are not ranked again today."""
+    """Daily exposure cap: items shown ``cap`` times today are not ranked again today.
+
+    An item's cap is its own ``exposure_cap`` attribute when >= 0, else ``default_daily_cap``;
+    ``default_daily_cap: null`` leaves items without their own cap uncapped. ``enabled: false``
+    caps nothing (exposures are still counted).
+
+    ``on_store_failure`` says what a request serves when the exposure reservation cannot be made
+    (the store is down or timed out):
+
+    * ``fail_open``: the ranked items, unreserved. Availability first: a cap can be exceeded by
+      what is served while reservations fail (counted in ``mtrank_exposures_uncounted_total``).
+    * ``fail_closed``: only items without a cap; capped items are withheld (dropped with reason
+      ``exposure_cap_unreserved``) and their slots refilled from uncapped items, so a cap is
+      never exceeded. With every item capped, the answer is empty during the outage.
+    """
 
     enabled: bool = True
-    default_daily_cap: int = Field(10_000, ge=1, description="cap of items whose own cap is < 0")
+    default_daily_cap: int | None = Field(
+        10_000, ge=1, description="cap of items whose own cap is < 0; null: those are uncapped"
+    )
+    on_store_failure: Literal["fail_open", "fail_closed"] = "fail_open"
 
 
 class Condition(_Strict):

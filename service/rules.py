@@ -4,10 +4,11 @@ Pure numpy functions; the Redis side (exposure counters, the atomic reserve) is 
 elsewhere. Applied in this fixed order by :func:`rerank`:
 
 (a) **Exposure caps** (:func:`cap_filter`): an item whose exposure count today is at or over its
-    cap (its own ``exposure_cap`` attribute when >= 0, else the scene's default) is dropped.
+    cap (:func:`item_caps`: its own ``exposure_cap`` attribute when >= 0, else the scene's
+    default) is dropped.
 (b) **Boosts and demotions** (:func:`rule_weight`): each named rule multiplies the weight of the
     items matching all its conditions. The weight enters the fused score through the formula's
-    ``rule_weight`` name (service/fusion.py), so the scores :func:`rerank` receives already carry
+    ``rule_weight`` name (mtrank/fusion.py), so the scores :func:`rerank` receives already carry
     it; rerank never multiplies again and only reports which rule fired on which item.
 (c) **Diversity** (:func:`diversify`), the "N out of 1" rule: for each constraint (an integer
     attribute, a window W, a max count K) every W consecutive output positions hold at most K
@@ -23,9 +24,11 @@ elsewhere. Applied in this fixed order by :func:`rerank`:
 
 Is the cap hard or soft? **Soft here.** :func:`cap_filter` sees a snapshot of the counters read
 with the features; concurrent requests may all see 9,999 of 10,000 and all show the item. The
-hard guarantee comes from the store adapter's atomic reserve: after rerank picks the items, a
-Redis Lua script increments each item's counter only while it is under its cap and refuses
-otherwise; refused items are replaced by the next ones with :func:`fill_after_refusals`.
+hard guarantee comes from the store adapter's atomic reserve (service/exposure.py, the request's
+"reserve" stage): after rerank picks the items, a Redis Lua script increments each item's counter
+only while it is under its cap and refuses otherwise; refused items are replaced by the next ones
+with :func:`fill_after_refusals`. When the reserve cannot be made, the scene's
+``exposure_cap.on_store_failure`` policy decides what is served.
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from service.ranking_config import Condition, DiversityConstraint, RulesConfig
+from service.ranking_config import Condition, DiversityConstraint, ExposureCap, RulesConfig
 
 FloatArray = NDArray[np.float64]
 BoolArray = NDArray[np.bool_]
@@ -54,15 +57,30 @@ def _column(attrs: ItemAttributes, name: str) -> NDArray[Any]:
 
 # ---------------------------------------------------------------- (a) exposure caps
 def cap_filter(
-    exposures: NDArray[np.integer[Any]], caps: NDArray[Any], default_cap: int
+    exposures: NDArray[np.integer[Any]], caps: NDArray[Any], default_cap: int | None
 ) -> BoolArray:
     """Keep-mask (N,): True where today's exposures are under the item's cap.
 
-    ``caps`` < 0 means "use ``default_cap``"; a cap of 0 hides the item.
+    ``caps`` < 0 means "use ``default_cap``" (None: uncapped); a cap of 0 hides the item.
     """
-    cap = np.where(np.asarray(caps) >= 0, caps, default_cap)  # (N,)
-    keep: BoolArray = np.asarray(exposures) < cap
+    default = -1 if default_cap is None else default_cap
+    cap = np.where(np.asarray(caps) >= 0, caps, default)  # (N,) < 0: uncapped
+    keep: BoolArray = (cap < 0) | (np.asarray(exposures) < cap)
     return keep
+
+
+def item_caps(own_caps: NDArray[Any], cfg: ExposureCap) -> IntArray:
+    """Each item's daily cap under the scene's ``cfg``, (N,) int64; < 0 means uncapped.
+
+    The item's own ``exposure_cap`` when >= 0, else the scene's default (uncapped when that is
+    null); with the cap disabled no item is capped. The atomic reserve enforces exactly these.
+    """
+    own = np.asarray(own_caps, dtype=np.int64)  # (N,)
+    if not cfg.enabled:
+        return np.full(len(own), -1, dtype=np.int64)
+    default = -1 if cfg.default_daily_cap is None else cfg.default_daily_cap
+    out: IntArray = np.where(own >= 0, own, default)
+    return out
 
 
 # ---------------------------------------------------------------- (b) boosts and demotions

@@ -6,6 +6,8 @@ refuses a graph that does not take the spec's inputs (``sparse (batch, S) int64`
 reload, never on a request; it then runs a few warm-up batches so the first request does not pay
 for lazy initialisation.
 
+Execution providers are chosen and checked by :mod:`service.providers`.
+
 :class:`ModelManager` serves one or several registry models as one immutable
 :class:`ModelBundle` (several models: their outputs merged by name). A request takes the bundle
 once, so a reload mid-request cannot mix versions; a reload builds the new bundle beside the old
@@ -15,7 +17,6 @@ one and swaps a single reference, and a failed reload leaves the old bundle serv
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import threading
 import time
@@ -31,11 +32,10 @@ from mtrank.registry import ModelVersion, Registry, RegistryError, sha256_file
 from mtrank.snapshot import default_item_record, default_user_record
 from mtrank.spec import FeatureSpec
 from service.features.assemble import Assembler
+from service.providers import ProviderError, check_started, is_auto, resolve_providers
 
 log = logging.getLogger(__name__)
 
-CPU, CUDA = "CPUExecutionProvider", "CUDAExecutionProvider"
-_ALIASES = {"cpu": CPU, "cuda": CUDA, "tensorrt": "TensorrtExecutionProvider"}
 WARMUP_SIZES = (1, 100, 1000)
 _ORT_TYPES = {"tensor(int64)": "int64", "tensor(float)": "float32", "tensor(double)": "float64"}
 
@@ -50,27 +50,6 @@ class ModelNotLoaded(ModelLoadError):
 
 class InferenceError(RuntimeError):
     """ONNX Runtime failed on a request's inputs."""
-
-
-def resolve_providers(providers: str | Sequence[str] = "auto") -> list[str]:
-    """Execution providers to ask ONNX Runtime for, CPU always last as the fallback.
-
-    ``"auto"``: CUDA when this onnxruntime build has it, else CPU. Otherwise a comma-separated
-    string or a list of provider names (``cpu`` and ``cuda`` accepted as short names); one that
-    is not available is an error rather than a silent fallback.
-    """
-    available = list(ort.get_available_providers())
-    if isinstance(providers, str) and providers.strip().lower() == "auto":
-        return [CUDA, CPU] if CUDA in available else [CPU]
-    items = providers.split(",") if isinstance(providers, str) else list(providers)
-    names = [_ALIASES.get(p.strip().lower(), p.strip()) for p in items if p.strip()]
-    missing = [p for p in names if p not in available]
-    if missing or not names:
-        raise ModelLoadError(
-            f"execution providers {missing or providers!r} are not available in this "
-            f"onnxruntime build (available: {available})"
-        )
-    return list(dict.fromkeys([*names, CPU]))
 
 
 def graph_problems(session: ort.InferenceSession, spec: FeatureSpec) -> list[str]:
@@ -111,12 +90,16 @@ class ModelRuntime:
     spec: FeatureSpec
     metadata: dict[str, Any]
     session: ort.InferenceSession
-    providers: tuple[str, ...]
-    load_seconds: float
+    providers: tuple[str, ...]  # session.get_providers(): in use, in priority order
 
     @property
     def output_names(self) -> tuple[str, ...]:
         return tuple(self.spec.task_names)
+
+    @property
+    def provider(self) -> str:
+        """The execution provider that runs the graph (the others only take what it cannot)."""
+        return self.providers[0]
 
     @classmethod
     def load(
@@ -133,7 +116,6 @@ class ModelRuntime:
         ``variant`` picks the graph: ``fp32`` (model.onnx) or one the exporter recorded under
         ``metadata.json`` ``variants`` (``int8``), with its own checksum and stated accuracy.
         """
-        start = time.perf_counter()
         where = f"model {model_version.name}/{model_version.version} ({model_version.path})"
         spec, metadata = _read_contract(model_version, where)
         graph = _variant_file(model_version, metadata, variant, where)
@@ -142,7 +124,10 @@ class ModelRuntime:
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.intra_op_num_threads = intra_op_threads
         options.inter_op_num_threads = inter_op_threads
-        chosen = resolve_providers(providers)
+        try:
+            chosen = resolve_providers(providers)
+        except ProviderError as e:
+            raise ModelLoadError(f"{where}: {e}") from e
         try:
             session = ort.InferenceSession(str(graph), sess_options=options, providers=chosen)
         except Exception as e:  # ORT raises its own pybind classes (InvalidProtobuf, Fail, ...)
@@ -151,11 +136,13 @@ class ModelRuntime:
         if problems:
             raise ModelLoadError(f"{where} does not match its spec.json: " + "; ".join(problems))
         used = tuple(session.get_providers())
-        if chosen[0] not in used:
-            log.warning("%s: asked for %s, onnxruntime uses %s", where, chosen, used)
-        runtime = cls(model_version, spec, metadata, session, used, 0.0)
+        try:
+            check_started(chosen, used, auto=is_auto(providers), where=where)
+        except ProviderError as e:
+            raise ModelLoadError(str(e)) from e
+        runtime = cls(model_version, spec, metadata, session, used)
         runtime.warm_up(warmup_sizes)
-        return dataclasses.replace(runtime, load_seconds=time.perf_counter() - start)
+        return runtime
 
     def default_inputs(self, n: int) -> tuple[np.ndarray, np.ndarray]:
         """n rows of cold-start features: (sparse (n, S) int64, dense (n, D) float32)."""
@@ -235,7 +222,6 @@ class ModelBundle:
     """The models a request is scored with; immutable, grab once per request."""
 
     runtimes: tuple[ModelRuntime, ...]
-    loaded_at: float = field(default_factory=time.time)
 
     def __post_init__(self) -> None:
         if not self.runtimes:
@@ -266,6 +252,11 @@ class ModelBundle:
         return {rt.model.name: rt.model.version for rt in self.runtimes}
 
     @property
+    def providers(self) -> dict[str, str]:
+        """The execution provider each model runs on: name -> ``CPUExecutionProvider``, ..."""
+        return {rt.model.name: rt.provider for rt in self.runtimes}
+
+    @property
     def output_names(self) -> tuple[str, ...]:
         return tuple(o for rt in self.runtimes for o in rt.output_names)
 
@@ -290,6 +281,7 @@ class ReloadResult:
     requested: dict[str, str]  # what the registry's ``current`` files named
     error: str | None = None
     seconds: float = 0.0
+    providers: dict[str, str] = field(default_factory=dict)  # of the served models, by name
 
 
 class ModelManager:
@@ -300,9 +292,7 @@ class ModelManager:
         names: model names; several models are merged by output name.
         providers, intra_op_threads, inter_op_threads, warmup_sizes: see ModelRuntime.load.
         on_reload: called with every :class:`ReloadResult` (metrics hook:
-            ``mtrank_model_reloads_total{result}``, ``mtrank_model_info{name,version}``).
-
-    ``reloads`` counts reload results by kind; ``last_error`` holds the latest failure.
+            ``mtrank_model_reloads_total{result}``, ``mtrank_model_info{name,version,provider}``).
     """
 
     def __init__(
@@ -328,8 +318,6 @@ class ModelManager:
             "variant": variant,
         }
         self.on_reload = on_reload
-        self.reloads: dict[str, int] = {"success": 0, "failure": 0, "unchanged": 0}
-        self.last_error: str | None = None
         self._bundle: ModelBundle | None = None
         self._failed: dict[str, str] | None = None  # versions of the last failed reload
         self._lock = threading.Lock()  # one reload at a time (watcher vs admin endpoint)
@@ -366,13 +354,13 @@ class ModelManager:
         """
         with self._lock:
             result = self._reload_locked(force)
-            self.reloads[result.result] += 1
-            if result.result == "failure":
-                self.last_error = result.error
         if result.result == "failure":
             log.error("model reload failed, still serving %s: %s", result.versions, result.error)
         elif result.result == "success":
-            log.info("models now served: %s (%.2fs)", result.versions, result.seconds)
+            log.info(
+                "models now served: %s on %s (%.2fs)",
+                result.versions, result.providers, result.seconds,
+            )  # fmt: skip
         if self.on_reload is not None:
             self.on_reload(result)
         if raise_on_error and result.result == "failure":
@@ -383,11 +371,12 @@ class ModelManager:
         start = time.perf_counter()
         old = self._bundle
         serving = old.versions if old else {}
+        providers = old.providers if old else {}
         requested: dict[str, str] = {}
         try:
             requested = self.requested_versions()
             if old is not None and requested == serving and not force:
-                return ReloadResult("unchanged", serving, requested)
+                return ReloadResult("unchanged", serving, requested, providers=providers)
             reuse = {} if force or old is None else {rt.model.name: rt for rt in old.runtimes}
             runtimes = []
             for name in self.names:
@@ -400,12 +389,12 @@ class ModelManager:
         except Exception as e:  # any failure must leave the served bundle alone
             self._failed = requested
             error = f"{type(e).__name__}: {e}"
-            return ReloadResult("failure", serving, requested, error, time.perf_counter() - start)
+            seconds = time.perf_counter() - start
+            return ReloadResult("failure", serving, requested, error, seconds, providers)
         self._bundle = bundle  # the swap: one reference assignment
         self._failed = None
-        return ReloadResult(
-            "success", bundle.versions, requested, None, time.perf_counter() - start
-        )
+        seconds = time.perf_counter() - start
+        return ReloadResult("success", bundle.versions, requested, None, seconds, bundle.providers)
 
     async def watch(self, interval_s: float = 5.0) -> None:
         """Poll the registry's ``current`` files and reload on change (run as a task).

@@ -14,6 +14,8 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from service.providers import ProviderError, resolve_providers
+
 ENV_PREFIX = "MTRANK_"
 DEFAULT_RANKING_CONFIG = Path(__file__).parent / "config" / "ranking.yaml"
 
@@ -47,6 +49,9 @@ class Settings(BaseSettings):
     max_candidates: int = Field(2000, ge=1, le=100_000)
     max_body_bytes: int = Field(1 << 20, ge=1024)
     redis_timeout_ms: int = Field(50, ge=1, le=60_000)
+    snapshot_max_age_seconds: float = Field(
+        129_600.0, gt=0, description="feature snapshot age that fires MtrankFeatureSnapshotStale"
+    )
     model_variant: Literal["fp32", "int8"] = Field(
         "fp32", description="graph to serve: model.onnx, or the int8 variant the export recorded"
     )
@@ -73,6 +78,17 @@ class Settings(BaseSettings):
 
                 return json.loads(text)
             return [part.strip() for part in text.split(",") if part.strip()]
+        return value
+
+    @field_validator("ort_providers")
+    @classmethod
+    def _providers_installed(cls, value: str) -> str:
+        # Whether a named provider can start is only known with a session (runtime.py); whether
+        # this onnxruntime build has it at all is known now.
+        try:
+            resolve_providers(value)
+        except ProviderError as e:
+            raise ValueError(str(e)) from e
         return value
 
     @field_validator("log_level", mode="before")
@@ -110,8 +126,9 @@ def load_settings(**overrides: Any) -> Settings:
 def describe_errors(error: ValidationError) -> str:
     lines = []
     for item in error.errors():
+        msg = str(item["msg"]).removeprefix("Value error, ")
         if item["loc"]:
-            lines.append(f"{ENV_PREFIX}{str(item['loc'][0]).upper()}: {item['msg']}")
+            lines.append(f"{ENV_PREFIX}{str(item['loc'][0]).upper()}: {msg}")
         else:  # a cross-field check: its message already names the variable
-            lines.append(str(item["msg"]).removeprefix("Value error, "))
+            lines.append(msg)
     return "invalid settings: " + "; ".join(lines)

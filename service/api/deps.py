@@ -12,6 +12,7 @@ from fastapi import Depends, Request
 from service.errors import NotReady, Unauthorized
 from service.metrics import Metrics
 from service.pipeline import Ranker
+from service.serving_state import ServingState
 from service.settings import Settings
 
 
@@ -21,7 +22,8 @@ class Services:
 
     settings: Settings
     metrics: Metrics
-    ranker: Ranker
+    state: ServingState  # the served models and ranking config: reloads, readiness
+    ranker: Ranker  # the request path
     executor: ThreadPoolExecutor
 
 

@@ -14,14 +14,9 @@ from fastapi import APIRouter, Request
 from starlette.responses import Response
 
 from service.api.deps import AdminDep, ServicesDep
-from service.api.schemas import (
-    ErrorBody,
-    ModelInfo,
-    RankResponse,
-    ReadyStatus,
-    parse_rank_request,
-)
+from service.api.schemas import ErrorBody, ModelInfo, RankResponse, ReadyStatus
 from service.errors import InvalidRequest, PayloadTooLarge, RankingError, json_response
+from service.request import parse_rank_request
 
 SCHEMA_REF = "#/components/schemas/{model}"
 _ERRORS: dict[int | str, dict[str, Any]] = {
@@ -68,16 +63,16 @@ async def read_body(request: Request, limit: int) -> bytes:
 )
 async def rank(request: Request, services: ServicesDep) -> Response:
     """Rank the candidates for one user: features, model, fusion, re-rank rules."""
-    metrics, ranker = services.metrics, services.ranker
+    metrics = services.metrics
     start = time.perf_counter()
     scene, status = "invalid", 500
     try:
         with metrics.stage("parse"):
             body = await read_body(request, services.settings.max_body_bytes)
-            query = parse_rank_request(body, ranker.limits())
+            query = parse_rank_request(body, services.state.limits())
         scene = query.scene
         metrics.candidates.observe(len(query.item_ids))
-        result = await ranker.rank(query)
+        result = await services.ranker.rank(query)
         status = 200
         return json_response(result)
     except RankingError as e:
@@ -97,7 +92,7 @@ async def healthz() -> dict[str, str]:
 @router.get("/readyz", response_model=ReadyStatus, responses={503: {"model": ReadyStatus}})
 async def readyz(services: ServicesDep) -> Response:
     """Readiness: models loaded and warmed, feature store reachable (503 with reasons if not)."""
-    reasons = await services.ranker.readiness()
+    reasons = await services.state.readiness()
     body = {"ready": not reasons, "reasons": reasons}
     return json_response(body, 200 if not reasons else 503)
 
@@ -111,11 +106,11 @@ async def metrics(services: ServicesDep) -> Response:
 
 @router.get("/models", response_model=list[ModelInfo], tags=["ops"])
 async def models(services: ServicesDep) -> Response:
-    """The loaded models: name, version, tasks and the metrics recorded at export."""
-    return json_response(services.ranker.model_infos())
+    """The loaded models: name, version, execution provider, tasks and export-time metrics."""
+    return json_response(services.state.model_infos())
 
 
 @admin_router.post("/reload", responses={401: {"model": ErrorBody}, 409: {"model": ErrorBody}})
 async def reload(services: ServicesDep, _: AdminDep) -> Response:
     """Reload the models' current versions and the ranking config; the old keep serving on error."""
-    return json_response(await services.ranker.reload())
+    return json_response(await services.state.reload())

@@ -54,6 +54,10 @@ class EmbeddedFeatureStore:
     def snapshot_version(self) -> str | None:
         return self.snapshot.version
 
+    @property
+    def snapshot_built_at(self) -> float | None:
+        return self.snapshot.built_at
+
     async def fetch(self, user_id: str, item_ids: list[str], day: str) -> FetchResult:
         miss_user, miss_item = len(self._users) - 1, len(self._items) - 1
         urow = self._user_row.get(user_id, miss_user)
@@ -73,13 +77,15 @@ class EmbeddedFeatureStore:
             items=self._items.take(rows),  # (N,) records, a copy
             item_found=rows != miss_item,
             exposures=exposures,
-            snapshot_version=self.snapshot.version,
         )
 
     async def reserve_exposures(
         self, item_ids: list[str], caps: np.ndarray, day: str
     ) -> np.ndarray:
-        """Count one exposure per item below its cap (this process only); (N,) bool accepted."""
+        """Count one exposure per item below its cap (this process only); (N,) bool accepted.
+
+        In memory, it never fails: ``on_store_failure`` never applies to this store.
+        """
         caps64 = check_caps(item_ids, caps).tolist()
         accepted = np.zeros(len(item_ids), dtype=bool)
         with self._lock:

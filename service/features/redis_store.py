@@ -173,9 +173,10 @@ class RedisFeatureStore:
         return self._serving.version if self._serving else None
 
     @property
-    def snapshot_meta(self) -> dict[str, Any] | None:
-        """The serving snapshot's meta (``loaded_at`` tells how stale the features are)."""
-        return dict(self._serving.meta) if self._serving else None
+    def snapshot_built_at(self) -> float | None:
+        # A snapshot loaded before metas carried ``built_at`` has no known age.
+        built = self._serving.meta.get("built_at") if self._serving else None
+        return float(built) if isinstance(built, int | float) else None
 
     async def resolve_snapshot(self) -> str:
         """Re-read the pointer now and switch to the version it names; returns that version.
@@ -279,7 +280,6 @@ class RedisFeatureStore:
             items=items,
             item_found=item_found,
             exposures=self._counts(values[n + 1 :]),
-            snapshot_version=version,
         )
 
     def _counts(self, values: list[bytes | None]) -> np.ndarray:
@@ -294,8 +294,12 @@ class RedisFeatureStore:
     ) -> np.ndarray:
         """Atomically count one exposure per item below its cap; (N,) bool accepted.
 
-        If the call times out the script may still have run in Redis: the caller then treats
-        the items as unreserved, so a timeout can only under-deliver, never exceed a cap.
+        Raises :class:`FeatureStoreUnavailable` / :class:`FeatureStoreError` when the call fails.
+        A call that timed out may still have run in Redis, so the items may or may not be
+        counted; it is not retried (that could count them twice). What is served then is the
+        scene's ``exposure_cap.on_store_failure`` (service/exposure.py): ``fail_closed``
+        withholds capped items, so a timeout can only under-deliver (counted, not shown);
+        ``fail_open`` serves them, so a cap can be exceeded by items the call did not count.
         """
         caps64 = check_caps(item_ids, caps)
         if not item_ids:

@@ -49,7 +49,6 @@ class FetchResult:
     items: np.ndarray  # (N,) item_dtype records, in request order
     item_found: np.ndarray  # (N,) bool
     exposures: np.ndarray  # (N,) int64, today's exposures so far (0 when no counter)
-    snapshot_version: str | None = None
 
 
 @runtime_checkable
@@ -64,6 +63,11 @@ class FeatureStore(Protocol):
         """The snapshot version served now, or None before one is known."""
         ...
 
+    @property
+    def snapshot_built_at(self) -> float | None:
+        """Unix time the served snapshot was built (its meta's ``built_at``), None if unknown."""
+        ...
+
     async def fetch(self, user_id: str, item_ids: list[str], day: str) -> FetchResult:
         """The user, the items and the items' exposure counts, in one round trip."""
         ...
@@ -75,6 +79,8 @@ class FeatureStore(Protocol):
 
         Atomic per call and a hard cap under any concurrency: items are taken in order, an item
         listed twice counts twice, and ``caps[i] < 0`` means uncapped (counted, always accepted).
+        Raises FeatureStoreError when the reservation cannot be made; a caller must not assume
+        the items were or were not counted (service/exposure.py applies the scene's policy).
         """
         ...
 

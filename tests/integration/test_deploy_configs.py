@@ -65,6 +65,7 @@ REQUIRED_ALERTS = {
     "MtrankModelReloadFailed",
     "MtrankFeatureStoreDown",
     "MtrankNoModelLoaded",
+    "MtrankFeatureSnapshotStale",
 }
 
 
@@ -222,14 +223,14 @@ def test_redis_conf_never_evicts_counters(tmp_path: Path) -> None:
 def test_promtool_checks_config_and_rules() -> None:
     promtool = tool("promtool", "prometheus")
     assert "SUCCESS" in run([promtool, "check", "config", str(PROM_DIR / "prometheus.yml")])
-    assert "SUCCESS: 7 rules found" in run(
+    assert "SUCCESS: 8 rules found" in run(
         [promtool, "check", "rules", str(PROM_DIR / "alerts.yml")]
     )
 
 
 def test_alert_unit_tests_pass() -> None:
-    """alerts_test.yml: error-rate, feature-store-down and no-model alerts fire when, and only when,
-    they should (promtool fails on a missing or an extra alert)."""
+    """alerts_test.yml: error-rate, feature-store-down, stale-snapshot and no-model alerts fire
+    when, and only when, they should (promtool fails on a missing or an extra alert)."""
     promtool = tool("promtool", "prometheus")
     assert "SUCCESS" in run([promtool, "test", "rules", str(PROM_DIR / "alerts_test.yml")])
 
@@ -244,6 +245,10 @@ def test_alert_set_and_budgets() -> None:
     )
     assert flat["MtrankHighErrorRate"].endswith("> 0.01")
     assert flat["MtrankNoModelLoaded"].startswith("absent(mtrank_model_info")
+    # The limit is the service's own setting, exported beside the age, not a number in the rule.
+    assert flat["MtrankFeatureSnapshotStale"] == (
+        "mtrank_feature_snapshot_age_seconds > mtrank_feature_snapshot_max_age_seconds"
+    )
 
 
 def test_prometheus_scrapes_the_ranker_port(compose: dict[str, Service]) -> None:

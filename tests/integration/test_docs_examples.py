@@ -36,23 +36,21 @@ from mtrank.fusion import (
     MAX_FORMULA_CHARS,
     load_fusion_file,
 )
-from service.api.schemas import (
-    ErrorBody,
-    ModelInfo,
-    QueryLimits,
-    RankRequest,
-    RankResponse,
-    ReadyStatus,
-    parse_rank_request,
-)
+from service.api.schemas import ErrorBody, ModelInfo, RankRequest, RankResponse, ReadyStatus
 from service.errors import RankingError, register_error_handlers
 from service.metrics import STAGES, Metrics
 from service.ranking_config import Condition, load_ranking_config
+from service.request import QueryLimits, parse_rank_request
 from service.settings import DEFAULT_RANKING_CONFIG, ENV_PREFIX, Settings
 from training.config import (
+    MODEL_TYPES,
+    AITMConfig,
+    CrossStitchConfig,
     DatasetSpec,
+    DebiasConfig,
     DenseColumn,
     EarlyStopping,
+    L2ConstrainedConfig,
     ModelConfig,
     SparseColumn,
     TaskColumn,
@@ -397,7 +395,8 @@ def test_every_condition_op_and_attribute_is_documented() -> None:
 # ---------------------------------------------------------------- training.md
 CONFIG_MODELS: tuple[type[BaseModel], ...] = (
     DatasetSpec, SparseColumn, DenseColumn, TaskColumn, TrainConfig, ModelConfig, TaskWeights,
-    WeightingConfig, EarlyStopping,
+    WeightingConfig, EarlyStopping, DebiasConfig, AITMConfig, CrossStitchConfig,
+    L2ConstrainedConfig,
 )  # fmt: skip
 
 
@@ -412,6 +411,8 @@ def test_every_config_key_and_choice_is_documented() -> None:
                     assert choice in documented, f"{model.__name__}.{name}: {choice!r}"
     for suffix in LOWER_IS_BETTER:
         assert f"`{suffix}`" in doc("training.md")
+    for model_type in MODEL_TYPES:  # model.type is a str checked against the registry
+        assert f"| `{model_type}` |" in prose, f"model type {model_type!r} is not documented"
 
 
 def _scalar(value: Any) -> str | None:
@@ -426,7 +427,12 @@ def _scalar(value: Any) -> str | None:
 
 @pytest.mark.parametrize(
     ("table_name", "model", "column"),
-    [("train-config", TrainConfig, 2), ("model-config", ModelConfig, 1)],
+    [
+        ("train-config", TrainConfig, 2),
+        ("model-config", ModelConfig, 1),
+        ("debias-config", DebiasConfig, 1),
+        ("aitm-config", AITMConfig, 1),
+    ],
 )
 def test_training_defaults_match_the_config_models(
     table_name: str, model: type[BaseModel], column: int

@@ -1,5 +1,7 @@
-"""Fixtures for the service tests: a real ONNX model in a temp registry, its snapshot, a ranking
-config whose result can be computed by hand, and apps over the embedded store or a real Redis.
+"""Fixtures for the service tests: the model the training pipeline exported (tests/conftest.py),
+published into a temp registry, a snapshot of its real encoded users and items under short ids, a
+ranking config whose result can be computed from the model's onnxruntime outputs, and apps over
+the embedded store or a real Redis.
 """
 
 from __future__ import annotations
@@ -15,18 +17,20 @@ import numpy as np
 import pytest
 import redis
 
+from harness.trained import TrainedWorld
 from mtrank.registry import ModelVersion, Registry
 from mtrank.snapshot import Snapshot
+from mtrank.snapshot_loader import load_snapshot_to_redis
 from mtrank.spec import FeatureSpec
 from service.app import create_app
-from service.features.loader import load_snapshot_to_redis
 from service.settings import Settings
+from tests.support import REDIS_URL
 from tests.support.app_client import AppClient
-from tests.support.onnx_model import build_test_model, build_test_snapshot
+from tests.support.exported import ExportedModels, short_id_snapshot
 
-REDIS_URL = "redis://127.0.0.1:6379/0"
 ADMIN_TOKEN = "test-admin-token-0123456789"
-ALPHA, BETA, BOOST, DEMOTE, LOW_QUALITY = 0.1, 1.0, 2.0, 0.5, 10.0
+# LOW_QUALITY splits the synthetic items' quality (0..1): 16 of the first 40 items fall below it.
+ALPHA, BETA, BOOST, DEMOTE, LOW_QUALITY = 0.1, 1.0, 2.0, 0.5, 0.5
 
 RANKING_YAML = f"""
 scenes:
@@ -87,19 +91,20 @@ class World:
         return Settings(**values)
 
 
-def make_world(root: Path, n_items: int = 40) -> World:
-    model = build_test_model(root, "ecommerce", seed=3)
+def make_world(
+    root: Path, models: ExportedModels, trained: TrainedWorld, n_items: int = 40
+) -> World:
+    """The exported model as ``ecommerce`` under ``root``, with users u0..u7 and items i0.. taken
+    from the pipeline's snapshot (real encoded features and attributes)."""
+    model = models.publish(root, "ecommerce")
     spec = FeatureSpec.load(model.path)
-    snap = build_test_snapshot(spec, n_users=8, n_items=n_items, seed=5)
+    snap = short_id_snapshot(trained.snapshot, n_users=8, n_items=n_items, version="svc-snap-1")
     # Own caps off (-1 = scene default) so only the scene decides; categories in 4 groups.
     snap.items["exposure_cap"] = -1
     snap.items["category"] = np.arange(n_items) % 4
-    # The builder draws every raw dense value from 0..50, which saturates the sigmoids through
-    # quality_score (std 0.2); values in its own range keep the predictions apart.
-    _, item_dense = spec.fields("item")
-    j = [f.name for f in item_dense].index("quality_score")
-    raw = np.random.default_rng(7).uniform(0.1, 0.9, n_items)
-    snap.items["dense"][:, j] = item_dense[j].normalise(raw)
+    low = snap.items["quality"] < LOW_QUALITY
+    if low.all() or not low.any() or not (snap.items["promoted"] == 1).any():
+        raise ValueError("the rules must fire on some items and not on others")
     path = Registry(root).snapshot_dir(model.name) / f"{snap.version}.npz"
     snap.save(path)
     ranking = root / "ranking.yaml"
@@ -108,8 +113,20 @@ def make_world(root: Path, n_items: int = 40) -> World:
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory: pytest.TempPathFactory) -> World:
-    return make_world(tmp_path_factory.mktemp("registry"))
+def world(
+    tmp_path_factory: pytest.TempPathFactory,
+    exported_models: ExportedModels,
+    trained_world: TrainedWorld,
+) -> World:
+    return make_world(tmp_path_factory.mktemp("registry"), exported_models, trained_world)
+
+
+@pytest.fixture
+def own_world(
+    tmp_path: Path, exported_models: ExportedModels, trained_world: TrainedWorld
+) -> World:
+    """A world of 20 items in this test's own registry, for tests that publish versions."""
+    return make_world(tmp_path / "reg", exported_models, trained_world, n_items=20)
 
 
 async def chunked(*parts: bytes) -> AsyncIterator[bytes]:

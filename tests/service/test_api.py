@@ -1,7 +1,9 @@
-"""The HTTP API end to end: a real ONNX model, the embedded store and a real Redis.
+"""The HTTP API end to end: the model the training pipeline exported, the embedded store and a
+real Redis.
 
-Rankings are checked against a hand computation (numpy model outputs + the test formula + the
-test rules); every error case against its documented status and the field it names.
+Rankings are checked against a computation outside the service (onnxruntime run directly on the
+exported model.onnx + the test formula + the test rules); every error case against its documented
+status and the field it names.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from tests.service.conftest import (
     chunked,
     closed_port,
 )
-from tests.support.onnx_model import reference_outputs
+from tests.support.exported import onnx_outputs
 
 pytestmark = pytest.mark.integration
 ITEMS = [f"i{k}" for k in range(30)]
@@ -56,7 +58,7 @@ def expected(
         if item in items and not cold:
             recs[k] = snap.items[items.index(item)]
     sparse, dense = Assembler(spec).assemble(user, recs, context)
-    out = reference_outputs(world.model, sparse, dense)
+    out = onnx_outputs(world.model, sparse, dense)
     weight = np.where(recs["promoted"] == 1, BOOST, 1.0) * np.where(
         recs["quality"] < LOW_QUALITY, DEMOTE, 1.0
     )
@@ -294,15 +296,18 @@ def test_models_and_metrics_use_the_fixed_names(world: World, client: AppClient)
     assert client.post("/rank", json=rank_body(scene="diverse", size=8)).status_code == 200
     models = client.get("/models").json()
     assert models == [
-        {"name": "ecommerce", "version": world.model.version,
-         "tasks": ["ctr", "cvr", "stay", "cart", "collect"], "metrics": {}}
+        {"name": "ecommerce", "version": world.model.version, "provider": "CPUExecutionProvider",
+         "tasks": world.spec.task_names, "metrics": world.model.metadata()["metrics"]}
     ]  # fmt: skip
     text = client.get("/metrics").text
     assert 'mtrank_requests_total{scene="diverse",status="200"} 1.0' in text
-    for stage in ("parse", "features", "inference", "fusion", "rules", "total"):
+    for stage in ("parse", "features", "inference", "fusion", "rules", "reserve", "total"):
         assert f'mtrank_request_stage_seconds_count{{stage="{stage}"}} 1.0' in text
     assert "mtrank_request_candidates_sum 30.0" in text
-    assert f'mtrank_model_info{{name="ecommerce",version="{world.model.version}"}} 1.0' in text
+    assert (
+        f'mtrank_model_info{{name="ecommerce",provider="CPUExecutionProvider",'
+        f'version="{world.model.version}"}} 1.0'
+    ) in text
     assert 'mtrank_model_reloads_total{result="success"} 1.0' in text
     assert "mtrank_feature_store_up 1.0" in text
 

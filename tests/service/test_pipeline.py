@@ -1,9 +1,11 @@
 """The ranking pipeline's less common paths: request-time overrides, exposure races and refills,
-shared caps across processes on Redis, hot reload of models and ranking config.
+shared caps across processes on Redis, hot reload of models and ranking config, and what each
+timed stage holds.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -12,10 +14,12 @@ from typing import Any
 import numpy as np
 import pytest
 
+from harness.processes import metric_value
 from mtrank.registry import Registry
 from service.features.assemble import Assembler
 from service.features.embedded import EmbeddedFeatureStore
 from service.features.store import FetchResult
+from service.metrics import STAGES
 from service.settings import Settings
 from tests.service.conftest import (
     ADMIN_TOKEN,
@@ -28,10 +32,9 @@ from tests.service.conftest import (
     REDIS_URL,
     AppClient,
     World,
-    make_world,
 )
 from tests.service.test_api import expected
-from tests.support.onnx_model import build_test_model, reference_outputs
+from tests.support.exported import ExportedModels, onnx_outputs
 
 pytestmark = pytest.mark.integration
 AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
@@ -47,7 +50,7 @@ def test_price_override_reaches_the_model_and_the_formula(world: World, client: 
     asm = Assembler(spec)
     recs = asm.override_items(recs, {"price": np.array([np.nan, 0.0, 400.0])})
     user = snap.users[list(snap.user_ids).index("u1")]
-    out = reference_outputs(world.model, *asm.assemble(user, recs, None))
+    out = onnx_outputs(world.model, *asm.assemble(user, recs, None))
     weight = np.where(recs["promoted"] == 1, BOOST, 1.0) * np.where(
         recs["quality"] < LOW_QUALITY, DEMOTE, 1.0
     )
@@ -93,6 +96,38 @@ def test_refused_reservation_is_refilled_from_the_next_items(
     assert 'mtrank_items_dropped_total{reason="exposure_cap_race"} 2.0' in text
 
 
+class SlowReserveStore(EmbeddedFeatureStore):
+    """The real embedded store behind a slow reservation round trip (a far or busy Redis)."""
+
+    delay_s = 0.5
+
+    async def reserve_exposures(
+        self, item_ids: list[str], caps: np.ndarray, day: str
+    ) -> np.ndarray:
+        await asyncio.sleep(self.delay_s)
+        return await super().reserve_exposures(item_ids, caps, day)
+
+
+def test_the_reservation_is_timed_as_its_own_stage_and_rules_do_no_io(
+    client_for: Callable[..., AppClient], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("service.app.EmbeddedFeatureStore", SlowReserveStore)
+    client = client_for()
+    body = {"user_id": "u1", "candidates": [{"item_id": f"i{k}"} for k in range(10)], "size": 5,
+            "scene": "diverse"}  # fmt: skip
+    assert client.post("/rank", json=body).status_code == 200
+    text = client.get("/metrics").text
+
+    def seconds(stage: str, series: str = "sum") -> float:
+        return metric_value(text, f"mtrank_request_stage_seconds_{series}", {"stage": stage})
+
+    assert {s: seconds(s, "count") for s in STAGES} == dict.fromkeys(STAGES, 1.0)
+    assert seconds("reserve") >= SlowReserveStore.delay_s
+    assert seconds("total") >= SlowReserveStore.delay_s
+    for pure in ("fusion", "rules"):
+        assert seconds(pure) < SlowReserveStore.delay_s / 2, pure
+
+
 def test_redis_caps_hold_across_processes(
     world: World, client_for: Callable[..., AppClient], redis_namespace: str
 ) -> None:
@@ -111,14 +146,11 @@ def test_redis_caps_hold_across_processes(
     assert third["items"] == [] and len(third["dropped"]) == 6
 
 
-def _settings_world(tmp_path: Path) -> World:
-    return make_world(tmp_path / "reg", n_items=20)
-
-
 def test_admin_reload_swaps_model_and_rejects_a_bad_config(
-    tmp_path: Path, client_for: Callable[..., AppClient]
-) -> None:
-    w = _settings_world(tmp_path)
+    tmp_path: Path, own_world: World, exported_models: ExportedModels,
+    client_for: Callable[..., AppClient],
+) -> None:  # fmt: skip
+    w = own_world
     ranking = tmp_path / "ranking.yaml"
     ranking.write_text(RANKING_YAML)
     client = start_for(w, client_for, ranking)
@@ -135,29 +167,33 @@ def test_admin_reload_swaps_model_and_rejects_a_bad_config(
 
     # A new model version: served after reload, ranked by its own outputs.
     ranking.write_text(RANKING_YAML)
-    new = build_test_model(w.root, "ecommerce", spec=w.spec, seed=11)
+    new = exported_models.publish(w.root, "ecommerce", alternate=True)  # other weights
     r = client.post("/admin/reload", headers=AUTH)
     assert r.status_code == 200 and r.json()["models"] == {"ecommerce": new.version}
     got = client.post("/rank", json=body).json()
     assert got["model"]["version"] == new.version
-    ids, _ = expected(World(w.root, new, w.spec, w.snapshot, w.snapshot_path, ranking), "u1",
-                      cands, 5)  # fmt: skip
+    ids, scores = expected(World(w.root, new, w.spec, w.snapshot, w.snapshot_path, ranking),
+                           "u1", cands, 5)  # fmt: skip
     assert [it["item_id"] for it in got["items"]] == ids
+    np.testing.assert_allclose([it["score"] for it in got["items"]], scores, rtol=1e-5)
+    old = dict(zip(*expected(w, "u1", cands, len(cands)), strict=True))  # the old model's
+    assert not np.allclose(scores, [old[i] for i in ids], rtol=1e-3)
     text = client.get("/metrics").text
-    assert f'mtrank_model_info{{name="ecommerce",version="{new.version}"}} 1.0' in text
-    assert f'mtrank_model_info{{name="ecommerce",version="{w.model.version}"}} 0.0' in text
+    info = 'mtrank_model_info{{name="ecommerce",provider="CPUExecutionProvider",version="{}"}}'
+    assert info.format(new.version) + " 1.0" in text
+    assert info.format(w.model.version) + " 0.0" in text
     assert 'mtrank_model_reloads_total{result="failure"} 1.0' in text
 
 
 def test_models_the_formula_does_not_fit_are_rejected_and_the_old_keep_serving(
-    tmp_path: Path, client_for: Callable[..., AppClient]
+    own_world: World, exported_models: ExportedModels, client_for: Callable[..., AppClient]
 ) -> None:
-    w = _settings_world(tmp_path)
+    w = own_world
     client = start_for(w, client_for, w.ranking_path)
     body = {"user_id": "u1", "candidates": [{"item_id": "i1"}, {"item_id": "i2"}]}
     # Same inputs, but no "cvr" output: the formula ctr * (alpha + cvr) ... cannot run on it.
     spec = w.spec.model_copy(update={"outputs": [o for o in w.spec.outputs if o.name != "cvr"]})
-    build_test_model(w.root, "ecommerce", spec=spec, seed=12)
+    exported_models.publish(w.root, "ecommerce", spec=spec)
     r = client.post("/admin/reload", headers=AUTH)
     assert r.status_code == 409 and "cvr" in r.json()["error"]["message"]
     after = client.post("/rank", json=body)
@@ -165,11 +201,11 @@ def test_models_the_formula_does_not_fit_are_rejected_and_the_old_keep_serving(
 
 
 def test_watcher_hot_swaps_a_promoted_version(
-    tmp_path: Path, client_for: Callable[..., AppClient]
+    own_world: World, exported_models: ExportedModels, client_for: Callable[..., AppClient]
 ) -> None:
-    w = _settings_world(tmp_path)
+    w = own_world
     client = start_for(w, client_for, w.ranking_path, reload_poll_seconds=0.05)
-    new = build_test_model(w.root, "ecommerce", spec=w.spec, seed=21, promote=False)
+    new = exported_models.publish(w.root, "ecommerce", alternate=True, promote=False)
     Registry(w.root).promote("ecommerce", new.version)
     body = {"user_id": "u1", "candidates": [{"item_id": "i1"}]}
     deadline = time.monotonic() + 5.0
@@ -191,11 +227,11 @@ def start_for(
 
 
 def test_config_watcher_applies_a_changed_file_and_keeps_the_old_on_error(
-    tmp_path: Path, client_for: Callable[..., AppClient]
+    tmp_path: Path, own_world: World, client_for: Callable[..., AppClient]
 ) -> None:
     # Every worker runs this watcher, so a config change reaches all of them (admin reload
     # reaches only the worker that receives the request).
-    w = _settings_world(tmp_path)
+    w = own_world
     ranking = tmp_path / "ranking.yaml"
     ranking.write_text(RANKING_YAML)
     client = start_for(w, client_for, ranking, config_poll_seconds=0.05)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
+import re
+import typing
 from pathlib import Path
 
 import numpy as np
@@ -10,8 +13,13 @@ import yaml
 
 import service
 from mtrank.fusion import DEFAULT_PARAMS, FusionConfig, formula_inputs, save_fusion_file
-from service.ranking_config import RankingConfigError, load_ranking_config
-from service.rules import rerank, rule_weight
+from service.ranking_config import (
+    ExposureCap,
+    RankingConfigError,
+    RulesConfig,
+    load_ranking_config,
+)
+from service.rules import item_caps, rerank, rule_weight
 
 # The file the service loads by default (service/settings.py points at the same path).
 DEFAULT_RANKING_CONFIG = Path(service.__file__).parent / "config" / "ranking.yaml"
@@ -32,6 +40,7 @@ def test_the_shipped_config_loads_and_scores() -> None:
         ("brand", 6, 2),
     ]
     assert default.rules.exposure_cap.default_daily_cap == 10_000
+    assert default.rules.exposure_cap.on_store_failure == "fail_open"
     home = cfg.scene("home")
     assert home.fusion is None  # inherits the default formula ...
     assert cfg.formula("home").text == cfg.formula("default").text  # ... compiled for it
@@ -199,6 +208,11 @@ ERRORS = [
         "scenes.default.rules: boosts/demotions are configured",
     ),
     ("scenes.default", DELETE, "scenes: a scene named 'default' is required"),
+    (
+        "scenes.default.rules.exposure_cap",
+        {"on_store_failure": "fail_soft"},
+        "exposure_cap.on_store_failure: Input should be 'fail_open' or 'fail_closed'",
+    ),
     ("scenes", DELETE, "scenes: required key is missing"),
 ]
 
@@ -307,3 +321,50 @@ def test_scene_rules_drive_rerank(tmp_path: Path) -> None:
     ]  # brand window 6, max 2: third brand-1 item is fallback
     assert home.counts["diversity_fallback"] == 2
     assert default.order.tolist() == [0, 2, 3, 1]  # category window 4, max 1
+
+
+# ---------------------------------------------------------------- exposure caps
+CONFIGURATION_MD = Path(service.__file__).parents[1] / "docs" / "configuration.md"
+
+
+def test_exposure_cap_policies_and_a_null_default_cap(tmp_path: Path) -> None:
+    cap = {"default_daily_cap": None, "on_store_failure": "fail_closed"}
+    cfg = load_ranking_config(
+        write(tmp_path, edited("scenes.home.rules.exposure_cap", cap)), OUTPUTS
+    )
+    home = cfg.scene("home").rules.exposure_cap
+    assert (home.default_daily_cap, home.on_store_failure) == (None, "fail_closed")
+    assert cfg.scene("default").rules.exposure_cap.on_store_failure == "fail_open"
+
+
+@pytest.mark.parametrize(
+    ("cfg", "caps"),
+    [
+        (ExposureCap(default_daily_cap=5), [3, 5, 0]),
+        (ExposureCap(default_daily_cap=None), [3, -1, 0]),  # null: only own caps hold
+        (ExposureCap(enabled=False), [-1, -1, -1]),  # disabled: nothing is capped
+    ],
+)
+def test_item_caps_are_what_the_reservation_enforces(cfg: ExposureCap, caps: list[int]) -> None:
+    own = np.array([3, -1, 0], dtype=np.int32)
+    assert item_caps(own, cfg).tolist() == caps
+    # The soft check agrees: an uncapped item is never filtered, however often it was shown.
+    exposures = np.array([2, 10**9, 0])
+    attrs = {"exposure_cap": own, "promoted": np.zeros(3)}
+    capped = rerank(np.ones(3), attrs, exposures, RulesConfig(exposure_cap=cfg), 3, TODAY).capped
+    assert (~capped).tolist() == [c < 0 or e < c for e, c in zip(exposures, caps, strict=True)]
+
+
+def test_the_documented_exposure_cap_example_loads_and_each_policy_is_documented(
+    tmp_path: Path,
+) -> None:
+    text = CONFIGURATION_MD.read_text(encoding="utf-8")
+    (example,) = re.findall(r"<!-- example: rule-exposure-cap -->\s*```yaml\n(.*?)```", text, re.S)
+    doc = edited("scenes.home.rules", yaml.safe_load(example))
+    cap = load_ranking_config(write(tmp_path, doc), OUTPUTS).scene("home").rules.exposure_cap
+    assert cap == ExposureCap(default_daily_cap=500, on_store_failure="fail_open")
+    table = text.split("<!-- table: on-store-failure -->", 1)[1].strip().splitlines()
+    rows = itertools.takewhile(lambda line: line.startswith("|"), table[2:])  # header, rule
+    documented = {re.findall(r"`([a-z_]+)`", row)[0] for row in rows}
+    policies = set(typing.get_args(ExposureCap.model_fields["on_store_failure"].annotation))
+    assert documented == policies == {"fail_open", "fail_closed"}

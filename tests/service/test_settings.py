@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import onnxruntime as ort
 import pytest
 
+from service.providers import CPU, CUDA
 from service.settings import Settings, SettingsError, load_settings
 
 
@@ -19,6 +21,8 @@ def test_defaults_match_the_documented_values(monkeypatch: pytest.MonkeyPatch) -
     assert s.redis_url is None
     assert s.admin_token is None
     assert s.ort_intra_threads == 1
+    assert s.ort_providers == "auto"
+    assert s.snapshot_max_age_seconds == 36 * 3600
 
 
 def test_environment_is_read_with_prefix(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -48,6 +52,8 @@ def test_json_list_is_accepted(monkeypatch: pytest.MonkeyPatch) -> None:
         ("MTRANK_RANKING_CONFIG", "/nonexistent/ranking.yaml", "MTRANK_RANKING_CONFIG"),
         ("MTRANK_SNAPSHOT_PATH", "/nonexistent/snap.npz", "MTRANK_SNAPSHOT_PATH"),
         ("MTRANK_MODEL_NAMES", "a,a", "MTRANK_MODEL_NAMES"),
+        ("MTRANK_SNAPSHOT_MAX_AGE_SECONDS", "0", "MTRANK_SNAPSHOT_MAX_AGE_SECONDS"),
+        ("MTRANK_ORT_PROVIDERS", "gpu-please", "MTRANK_ORT_PROVIDERS"),
     ],
 )
 def test_bad_value_names_the_variable(
@@ -75,3 +81,19 @@ def test_a_misspelt_setting_stops_start_up(monkeypatch: pytest.MonkeyPatch) -> N
     monkeypatch.setenv("MTRANK_REDIS_ULR", "redis://typo:6379/0")
     with pytest.raises(SettingsError, match="unknown setting.*MTRANK_REDIS_ULR"):
         load_settings()
+
+
+def test_a_provider_missing_from_the_onnxruntime_build_stops_start_up(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("MTRANK_RANKING_CONFIG", __file__)
+    monkeypatch.setenv("MTRANK_ORT_PROVIDERS", "cuda")
+    monkeypatch.setattr(ort, "get_available_providers", lambda: [CPU])  # a CPU-only build
+    with pytest.raises(SettingsError) as e:
+        load_settings()
+    assert str(e.value) == (
+        "invalid settings: MTRANK_ORT_PROVIDERS: execution providers ['CUDAExecutionProvider'] "
+        "are not available in this onnxruntime build (available: ['CPUExecutionProvider'])"
+    )
+    monkeypatch.setattr(ort, "get_available_providers", lambda: [CUDA, CPU])  # a CUDA build
+    assert load_settings().ort_providers == "cuda"  # whether it starts: at model load

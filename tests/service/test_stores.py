@@ -1,4 +1,4 @@
-"""Feature stores against a real Redis: loader, one-round-trip fetch, hard exposure caps, outages.
+"""Feature stores against a real Redis: one-round-trip fetch, hard exposure caps, outages.
 
 Every test uses its own namespace on the shared redis-server (deleted afterwards); tests that
 count commands or stop the server start a private redis-server on a free port.
@@ -17,18 +17,11 @@ import numpy as np
 import pytest
 import redis
 
-from mtrank.snapshot import (
-    Snapshot,
-    default_item_record,
-    exposure_key,
-    item_key,
-    meta_key,
-    pointer_key,
-    user_key,
-)
+from harness.processes import RedisProcess, free_port
+from mtrank.snapshot import Snapshot, default_item_record, exposure_key, pointer_key
+from mtrank.snapshot_loader import load_snapshot_to_redis
 from mtrank.spec import FeatureSpec
 from service.features.embedded import EmbeddedFeatureStore
-from service.features.loader import load_snapshot_to_redis, stored_versions
 from service.features.redis_store import RedisFeatureStore
 from service.features.store import (
     EXPOSURE_TTL_S,
@@ -37,7 +30,7 @@ from service.features.store import (
     FeatureStoreUnavailable,
     FetchResult,
 )
-from tests.support import REDIS_URL, RedisServer, free_port, redis_namespace, reserve_in_process
+from tests.support import REDIS_URL, redis_namespace, reserve_in_process
 from tests.support.onnx_model import build_test_snapshot, make_spec
 
 SPEC = make_spec()
@@ -71,7 +64,7 @@ def store(
     return RedisFeatureStore(url, namespace, SPEC, timeout_s, refresh_s=refresh_s)
 
 
-# ---------------------------------------------------------------- loader + fetch
+# ---------------------------------------------------------------- fetch
 def test_loaded_snapshot_is_fetched_exactly(ns: tuple[redis.Redis, str]) -> None:
     client, namespace = ns
     snap = snapshot("v1")
@@ -82,12 +75,13 @@ def test_loaded_snapshot_is_fetched_exactly(ns: tuple[redis.Redis, str]) -> None
     async def go() -> tuple[FetchResult, FetchResult]:
         s = store(REDIS_URL, namespace)
         try:
-            return await s.fetch("u4", IDS, DAY), await s.fetch("stranger", [], DAY)
+            fetched = await s.fetch("u4", IDS, DAY), await s.fetch("stranger", [], DAY)
+            assert s.snapshot_version == "v1" and s.snapshot_built_at == snap.built_at
+            return fetched
         finally:
             await s.close()
 
     hit, cold = asyncio.run(go())
-    assert hit.snapshot_version == "v1"
     assert hit.user_found and hit.user.tobytes() == snap.users[4].tobytes()
     data, found = expected_items(snap, IDS)
     assert hit.items.tobytes() == data and hit.item_found.tolist() == found
@@ -96,7 +90,7 @@ def test_loaded_snapshot_is_fetched_exactly(ns: tuple[redis.Redis, str]) -> None
 
 
 def test_fetch_is_one_round_trip() -> None:
-    with RedisServer() as server:
+    with RedisProcess() as server:
         load_snapshot_to_redis(server.client(), "rt", snapshot("v1"))
 
         async def go() -> tuple[int, int, int]:
@@ -120,69 +114,6 @@ def test_fetch_is_one_round_trip() -> None:
     assert commands == 2
 
 
-def test_pointer_switches_only_after_the_whole_snapshot_is_written(
-    ns: tuple[redis.Redis, str],
-) -> None:
-    client, namespace = ns
-    load_snapshot_to_redis(client, namespace, snapshot("v1"))
-    seen: list[tuple[int, object]] = []
-
-    def watch(written: int) -> None:
-        seen.append((written, client.get(pointer_key(namespace))))
-
-    load_snapshot_to_redis(client, namespace, snapshot("v2", seed=1), batch_size=4, progress=watch)
-    assert [n for n, _ in seen] == [4, 4, 4, 4, 2]  # 6 users + 12 items in batches of 4
-    assert all(p == b"v1" for _, p in seen)  # readers kept v1 during the whole write
-    assert client.get(pointer_key(namespace)) == b"v2"
-
-    def crash(written: int) -> None:
-        raise RuntimeError("loader died")
-
-    with pytest.raises(RuntimeError, match="loader died"):
-        load_snapshot_to_redis(
-            client, namespace, snapshot("v3", seed=2), batch_size=4, progress=crash
-        )
-    assert client.get(pointer_key(namespace)) == b"v2"  # a failed load never moves the pointer
-
-
-def test_old_versions_expire_instead_of_vanishing(ns: tuple[redis.Redis, str]) -> None:
-    client, namespace = ns
-    for k, version in enumerate(["v1", "v2", "v3"]):
-        summary = load_snapshot_to_redis(
-            client, namespace, snapshot(version, seed=k), ttl_old_s=600
-        )
-    assert summary["previous_version"] == "v2" and summary["expired_versions"] == ["v1"]
-    assert set(stored_versions(client, namespace)) == {"v1", "v2", "v3"}
-    for version, expiring in (("v1", True), ("v2", False), ("v3", False)):
-        for key in (
-            meta_key(namespace, version),
-            user_key(namespace, version, "u0"),
-            item_key(namespace, version, "i5"),
-        ):
-            ttl = client.ttl(key)
-            assert (0 < ttl <= 600) if expiring else ttl == -1, (key, ttl)
-    # an expiring version is left alone by the next load (its TTL is not pushed back)
-    client.expire(meta_key(namespace, "v1"), 100)
-    assert (
-        load_snapshot_to_redis(client, namespace, snapshot("v3", seed=2))["expired_versions"] == []
-    )
-    assert client.ttl(meta_key(namespace, "v1")) <= 100
-
-
-def test_loading_the_same_snapshot_twice_is_harmless(ns: tuple[redis.Redis, str]) -> None:
-    client, namespace = ns
-    snap = snapshot("v1")
-    load_snapshot_to_redis(client, namespace, snap)
-    keys1 = sorted(client.scan_iter(match=f"mtrank:{namespace}:*"))
-    values1 = client.mget([k for k in keys1 if not k.endswith(b":meta")])
-    again = load_snapshot_to_redis(client, namespace, snap)
-    keys2 = sorted(client.scan_iter(match=f"mtrank:{namespace}:*"))
-    assert again["previous_version"] == "v1" and again["expired_versions"] == []
-    assert keys1 == keys2 and client.get(pointer_key(namespace)) == b"v1"
-    assert client.mget([k for k in keys2 if not k.endswith(b":meta")]) == values1
-    assert all(client.ttl(k) == -1 for k in keys2)
-
-
 # ---------------------------------------------------------------- snapshot version
 def test_snapshot_for_another_spec_is_refused(ns: tuple[redis.Redis, str]) -> None:
     client, namespace = ns
@@ -204,17 +135,18 @@ def test_snapshot_for_another_spec_is_refused(ns: tuple[redis.Redis, str]) -> No
 def test_no_snapshot_loaded_is_unavailable_not_fatal(ns: tuple[redis.Redis, str]) -> None:
     client, namespace = ns
 
-    async def go() -> FetchResult:
+    async def go() -> str | None:
         s = store(REDIS_URL, namespace)
         try:
             with pytest.raises(FeatureStoreUnavailable, match="no feature snapshot loaded"):
                 await s.fetch("u1", IDS, DAY)
             load_snapshot_to_redis(client, namespace, snapshot("v1"))  # loaded later
-            return await s.fetch("u1", IDS, DAY)
+            await s.fetch("u1", IDS, DAY)
+            return s.snapshot_version
         finally:
             await s.close()
 
-    assert asyncio.run(go()).snapshot_version == "v1"
+    assert asyncio.run(go()) == "v1"
 
 
 def test_background_refresh_follows_the_pointer(ns: tuple[redis.Redis, str]) -> None:
@@ -356,7 +288,7 @@ def test_unresponsive_server_times_out_within_the_deadline() -> None:
 
 
 def test_store_recovers_when_redis_comes_back() -> None:
-    with RedisServer() as server:
+    with RedisProcess() as server:
         load_snapshot_to_redis(server.client(), "rec", snapshot("v1"))
 
         async def go() -> None:
@@ -408,7 +340,8 @@ def test_embedded_store_answers_like_the_redis_store(
                 assert a.items.tobytes() == b.items.tobytes()
                 assert a.item_found.tolist() == b.item_found.tolist()
                 assert a.exposures.tolist() == b.exposures.tolist() == [1, 2, 3, 1, 1]
-                assert a.snapshot_version == b.snapshot_version == "v1"
+            assert remote.snapshot_version == embedded.snapshot_version == "v1"
+            assert remote.snapshot_built_at == embedded.snapshot_built_at == snap.built_at
             assert await remote.ping() and await embedded.ping()
         finally:
             await remote.close()

@@ -29,11 +29,14 @@ SERVICE_METRICS: Mapping[str, str] = {
     "mtrank_feature_misses_total": "counter",
     "mtrank_degraded_responses_total": "counter",
     "mtrank_items_dropped_total": "counter",
+    "mtrank_exposures_uncounted_total": "counter",
     "mtrank_rule_effects_total": "counter",
     "mtrank_model_info": "gauge",
     "mtrank_model_reloads_total": "counter",
     "mtrank_errors_total": "counter",
     "mtrank_feature_store_up": "gauge",
+    "mtrank_feature_snapshot_age_seconds": "gauge",
+    "mtrank_feature_snapshot_max_age_seconds": "gauge",
 }
 
 # Grafana's interval macros, with values a 10 s scrape interval makes safe (>= 4 scrapes).

@@ -25,6 +25,7 @@ BENCHMARKS = (
     "train_throughput",  # training samples/s per model
     "serve",  # serving latency / throughput
     "rules_bench",  # fusion + rerank micro-benchmark
+    "assemble_bench",  # feature assembly micro-benchmark
     "sizing",  # memory per million items (Redis and embedded store)
 )
 

@@ -158,7 +158,7 @@ def _progress(total: int) -> tuple[Callable[[int], None], Callable[[], None]]:
 def cmd_load(args: argparse.Namespace) -> int:
     import redis
 
-    from service.features.loader import load_snapshot_to_redis
+    from mtrank.snapshot_loader import load_snapshot_to_redis
 
     registry = Registry(args.root)
     mv = registry.resolve(args.model, args.version)

@@ -18,15 +18,15 @@ import pytest
 import redis
 import torch
 
+from harness.trained import TrainedWorld
+from mtrank.snapshot_loader import load_snapshot_to_redis
 from service.app import create_app
-from service.features.loader import load_snapshot_to_redis
 from service.settings import Settings
+from tests.support import REDIS_URL
 from tests.support.app_client import AppClient
-from tests.support.trained import TrainedWorld
 from training.checkpoint import load_checkpoint
 
 pytestmark = pytest.mark.integration
-REDIS_URL = "redis://127.0.0.1:6379/0"
 N_IMPRESSIONS = 1200
 
 

@@ -10,9 +10,9 @@ import onnxruntime as ort
 import pytest
 import torch
 
+from harness.trained import TrainedWorld, ecommerce_config
 from mtrank.registry import Registry, sha256_file
 from mtrank.spec import FeatureSpec
-from tests.support.trained import TrainedWorld, ecommerce_config
 from training import export as export_module
 from training.checkpoint import load_checkpoint
 from training.export import ExportError, export, parity_error, parity_inputs

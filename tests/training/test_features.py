@@ -11,13 +11,12 @@ import pyarrow.parquet as pq
 import pytest
 import redis
 
+from harness.trained import TrainedWorld
 from mtrank.registry import Registry
 from mtrank.snapshot import Snapshot, item_key, pointer_key, user_key
-from tests.support.trained import TrainedWorld
+from tests.support import REDIS_URL
 from training import features as features_cli
 from training.features import FeatureBuildError, build_snapshot, read_table
-
-REDIS_URL = "redis://127.0.0.1:6379/0"
 
 
 @pytest.fixture

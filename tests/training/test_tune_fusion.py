@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import yaml
 
+from harness.trained import CONFIGS, TrainedWorld
 from mtrank.fusion import load_fusion_file
 from service.ranking_config import load_ranking_config
-from tests.support.trained import CONFIGS, TrainedWorld
 from training import tune_fusion
 from training.tune_fusion import TuneConfig, ndcg_at_k, pareto_front
 

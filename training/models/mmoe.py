@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+import torch
 from torch import Tensor, nn
 
 from mtrank.spec import FeatureSpec
@@ -33,6 +34,11 @@ class MMoEBottom(Bottom):
         x = self.inputs(sparse, dense)  # (B, F)
         e = self.experts.forward_shared(x)  # (B, n, d)
         return [mix(gate(x), e) for gate in self.gates]  # T x (B, d)
+
+    def gate_weights(self, sparse: Tensor, dense: Tensor) -> Tensor:
+        """Each task's mixture over the experts, (T, B, n): what tower k's input weighs."""
+        x = self.inputs(sparse, dense)  # (B, F)
+        return torch.stack([torch.softmax(gate(x), dim=-1) for gate in self.gates])  # (T, B, n)
 
     def shared_parameters(self) -> Iterator[nn.Parameter]:
         yield from self.inputs.parameters()

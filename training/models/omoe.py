@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+import torch
 from torch import Tensor, nn
 
 from mtrank.spec import FeatureSpec
@@ -31,6 +32,11 @@ class OMoEBottom(Bottom):
         e = self.experts.forward_shared(x)  # (B, n, d)
         h = mix(self.gate(x), e)  # (B, d)
         return [h] * self.n_towers
+
+    def gate_weights(self, sparse: Tensor, dense: Tensor) -> Tensor:
+        """Each task's mixture over the experts, (T, B, n): the one gate's, for every task."""
+        w = torch.softmax(self.gate(self.inputs(sparse, dense)), dim=-1)  # (B, n)
+        return w.expand(self.n_towers, *w.shape)  # (T, B, n)
 
     def shared_parameters(self) -> Iterator[nn.Parameter]:
         return self.parameters()

@@ -108,6 +108,17 @@ class RedisProcess:
         finally:
             client.close()
 
+    @contextlib.contextmanager
+    def writes_refused(self) -> Iterator[None]:
+        """Redis out of memory under ``noeviction`` (its default): reads work, writes fail."""
+        conn = self.client()
+        conn.config_set("maxmemory", 1)
+        try:
+            yield
+        finally:
+            conn.config_set("maxmemory", 0)
+            conn.close()
+
     def __enter__(self) -> RedisProcess:
         return self.start()
 

@@ -13,8 +13,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -204,18 +203,6 @@ def _rank(stack: Stack, scene: str, shown: Counter[str] | None = None) -> dict[s
     return answer
 
 
-@contextmanager
-def _writes_refused(stack: Stack) -> Iterator[None]:
-    """Redis out of memory under ``noeviction``: reads are answered, every write is refused."""
-    conn = stack.redis.client()
-    conn.config_set("maxmemory", 1)
-    try:
-        yield
-    finally:
-        conn.config_set("maxmemory", 0)
-        conn.close()
-
-
 def test_exposure_caps_when_redis_fails_per_policy(policy_stack: Stack) -> None:
     """fail_closed never passes a cap through an outage; fail_open serves and counts the loss."""
     stack = policy_stack
@@ -223,7 +210,7 @@ def test_exposure_caps_when_redis_fails_per_policy(policy_stack: Stack) -> None:
     for _ in range(2):
         assert _rank(stack, "closed", shown)["degraded"] == []
     assert set(CAPPED) & set(shown), "no capped item ranked: the test proves nothing"
-    with _writes_refused(stack):
+    with stack.redis.writes_refused():
         for _ in range(4):
             answer = _rank(stack, "closed", shown)
             assert answer["degraded"] == ["exposure_reservation_failed"]
@@ -238,7 +225,7 @@ def test_exposure_caps_when_redis_fails_per_policy(policy_stack: Stack) -> None:
 
     # fail_open (the default scene) through the same outage: answers as if healthy, none of
     # their items counted (so the second answer repeats the first); the metric counts them.
-    with _writes_refused(stack):
+    with stack.redis.writes_refused():
         first, second = _rank(stack, "default"), _rank(stack, "default")
     assert first["degraded"] == second["degraded"] == ["exposure_reservation_failed"]
     assert first["items"] and first["items"] == second["items"]

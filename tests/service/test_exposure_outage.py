@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 from collections import Counter
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -72,17 +71,6 @@ class Outage:
     def metric(self, name: str, **labels: str) -> float:
         return metric_value(self.client.get("/metrics").text, name, labels)
 
-    @contextmanager
-    def writes_refused(self) -> Iterator[None]:
-        """Redis out of memory under ``noeviction`` (its default): reads work, writes fail."""
-        conn = self.redis.client()
-        conn.config_set("maxmemory", 1)
-        try:
-            yield
-        finally:
-            conn.config_set("maxmemory", 0)
-            conn.close()
-
 
 def returned(answer: dict[str, Any]) -> list[str]:
     return [it["item_id"] for it in answer["items"]]
@@ -116,7 +104,7 @@ def test_fail_closed_serves_only_uncapped_items_while_writes_are_refused(outage:
     assert healthy["degraded"] == [] and len(healthy["items"]) == SIZE
     assert outage.capped & set(returned(healthy)), "no capped item ranked: the test proves nothing"
     withheld = 0
-    with outage.writes_refused():
+    with outage.redis.writes_refused():
         for _ in range(3):
             answer = outage.rank("closed_cap")
             assert answer["degraded"] == REFUSED
@@ -138,7 +126,7 @@ def test_fail_closed_serves_only_uncapped_items_while_writes_are_refused(outage:
 def test_fail_open_serves_through_and_counts_what_it_did_not_reserve(outage: Outage) -> None:
     healthy = outage.rank("open_cap")
     assert healthy["degraded"] == [] and len(healthy["items"]) == SIZE
-    with outage.writes_refused():
+    with outage.redis.writes_refused():
         for _ in range(3):
             answer = outage.rank("open_cap")
             assert answer["degraded"] == REFUSED

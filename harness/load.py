@@ -131,8 +131,12 @@ async def run_load(
     stop: threading.Event | None = None,
     request_timeout_s: float = 10.0,
     reconnect: bool = True,
+    think_s: float = 0.0,
 ) -> LoadResult:
     """Closed-loop load: ``concurrency`` keep-alive connections, each one request at a time.
+
+    ``think_s`` is a pause between a connection's answer and its next request: it stretches a
+    bounded number of requests over time (for scrapes to see the traffic as a rate).
 
     Stops at ``max_requests`` sent, after ``duration_s``, or when ``stop`` is set; requests in
     flight then finish (each bounded by ``request_timeout_s``). ``make_body(k)`` builds request
@@ -184,6 +188,8 @@ async def run_load(
             if close:
                 writer.close()
                 conn = await connect() if reconnect else None
+            if think_s > 0:
+                await asyncio.sleep(think_s)
         if conn is not None:
             conn[1].close()
 

@@ -80,18 +80,30 @@ class PromAPI:
             raise PrometheusError(f"{path} {dict(params or {})}: {doc.get('error', doc)}")
         return doc["data"]
 
-    def query(self, expr: str, at: float | None = None) -> list[dict[str, Any]]:
-        """Instant query at ``at`` (unix seconds; default "now"): the result vector (``[]`` when
-        nothing matches).
+    def query(self, expr: str) -> list[dict[str, Any]]:
+        """Instant query at "now": the result vector (``[]`` when nothing matches).
 
         Only vectors are expected from the expressions under test; a scalar or string result
         raises, so an expression that stopped being a vector does not pass unnoticed.
         """
-        params = {"query": expr} | ({} if at is None else {"time": f"{at:.3f}"})
-        data = self._get("/api/v1/query", params)
+        data = self._get("/api/v1/query", {"query": expr})
         if data["resultType"] != "vector":
             raise PrometheusError(f"{expr!r}: expected a vector, got {data['resultType']}")
         return list(data["result"])
+
+    def values_between(
+        self, expr: str, start: float, end: float, step_s: float = 1.0
+    ) -> list[float]:
+        """Every value of ``expr`` evaluated each ``step_s`` from ``start`` to ``end`` (unix s),
+        over all result series, NaN included (a range query)."""
+        params = {
+            "query": expr,
+            "start": f"{start:.3f}",
+            "end": f"{end:.3f}",
+            "step": f"{step_s:g}",
+        }
+        data = self._get("/api/v1/query_range", params)
+        return [float(v) for series in data["result"] for _, v in series["values"]]
 
     def series_count(self, name: str) -> int:
         """Series Prometheus holds right now for the metric ``name`` (exact series name)."""

@@ -22,6 +22,7 @@ BENCHMARKS = (
     "mmoe_synthetic",  # MMoE paper synthetic study
     "census",  # UCI Census-Income, MMoE paper table
     "esmm_ecommerce",  # ESMM paper table on synthetic e-commerce
+    "train_start",  # early-training AUCs: output-bias initialisation and friends
     "train_throughput",  # training samples/s per model
     "serve",  # serving latency / throughput
     "rules_bench",  # fusion + rerank micro-benchmark

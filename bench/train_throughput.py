@@ -37,19 +37,13 @@ from bench.common import (
     summarise,
     write_result,
 )
+from training.config import MODEL_TYPES
 from training.data import Batch, Encoded
 
 NAME = "train_throughput"
 DATA_SEED = 0
-VARIANTS = {  # label -> (model.type, model.esmm_bottom)
-    "single_task": ("single_task", "shared_bottom"),
-    "shared_bottom": ("shared_bottom", "shared_bottom"),
-    "omoe": ("omoe", "shared_bottom"),
-    "mmoe": ("mmoe", "shared_bottom"),
-    "mmoe_attention": ("mmoe_attention", "shared_bottom"),
-    "ple": ("ple", "shared_bottom"),
-    "base": ("base", "shared_bottom"),
-    "esmm": ("esmm", "shared_bottom"),
+VARIANTS = {  # label -> (model.type, model.esmm_bottom): every registered type, ESMM twice
+    **{kind: (kind, "shared_bottom") for kind in MODEL_TYPES},
     "esmm (mmoe bottom)": ("esmm", "mmoe"),
 }
 

@@ -1,7 +1,10 @@
 """Checkpoints: a trained model with the config and feature spec that rebuild it.
 
 A checkpoint is self-contained (nanoGPT's habit): evaluation, export and warm starts read the
-model's config and spec from it, never from the YAML file that made it.
+model's config and spec from it, never from the YAML file that made it. The trainer adds, as
+``extra``, the validation point it holds (epoch, step, metrics, loss weights), the data
+fingerprint, and ``base_rates`` / ``output_bias``: each task's rate in the train split and the
+output bias it set before the first step (empty when ``init_output_bias`` is off).
 """
 
 from __future__ import annotations

@@ -11,7 +11,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from mtrank.yamlio import read_yaml_mapping, validation_messages
 
@@ -95,14 +102,95 @@ class DatasetSpec(_Strict):
 
 
 # ---------------------------------------------------------------- model
-class ModelConfig(_Strict):
-    """Architecture and sizes. ``type`` selects a file in training/models/."""
+# The one list of architectures: ``model.type`` -> "module:Class" under training.models, where
+# the class is. Names, not imports: training.models imports this module, so importing it back
+# would be an import circle (and would pull torch into every config load). training.models
+# resolves the paths into MODELS; a test checks that every entry resolves.
+MODEL_TYPES: dict[str, str] = {
+    "single_task": "single_task:SingleTaskModel",
+    "shared_bottom": "shared_bottom:SharedBottomModel",
+    "omoe": "omoe:OMoEModel",
+    "mmoe": "mmoe:MMoEModel",
+    "mmoe_attention": "mmoe_attention:AttentionMMoEModel",
+    "ple": "ple:PLEModel",
+    "cross_stitch": "soft_sharing:CrossStitchModel",
+    "l2_constrained": "soft_sharing:L2ConstrainedModel",
+    "aitm": "aitm:AITMModel",
+    "esmm": "esmm:ESMMModel",
+    "base": "esmm:BASEModel",
+    "escm2_ips": "escm2:ESCM2IPSModel",
+    "escm2_dr": "escm2:ESCM2DRModel",
+    "ips": "dr_jl:IPSModel",
+    "dr_jl": "dr_jl:DRJLModel",
+}
 
-    type: Literal[
-        "single_task", "shared_bottom", "omoe", "mmoe", "mmoe_attention", "ple", "esmm", "base"
-    ] = "mmoe"
+
+class DebiasConfig(_Strict):
+    """Selection-bias correction of a funnel's CVR: models ``escm2_ips``, ``escm2_dr`` (ESCM²,
+    on ESMM), ``ips`` and ``dr_jl`` (on BASE). See training/models/debias.py."""
+
+    clip: float = Field(
+        0.02,
+        gt=0.0,
+        le=1.0,
+        description="propensity floor: a clicked row's IPS weight is 1 / max(pCTR, clip)",
+    )
+    weight: float = Field(
+        1.0, ge=0.0, description="ESCM² only: lambda_g, weight of the counterfactual CVR risk"
+    )
+    imputation_weight: float = Field(
+        1.0, ge=0.0, description="DR only (escm2_dr, dr_jl): weight of the imputation loss"
+    )
+
+
+class AITMConfig(_Strict):
+    """Adaptive Information Transfer Multi-task (Xi et al., KDD 2021): ``type: aitm``."""
+
+    chain: list[str] | None = Field(
+        None,
+        description="binary tasks in funnel order (e.g. [ctr, cart, cvr]); None: the longest "
+        "depends_on path, the first among equals ([ctr, cvr] for the ecommerce tasks)",
+    )
+    calibrator_weight: float = Field(
+        0.6, ge=0.0, description="alpha of the behavioural expectation calibrator"
+    )
+
+    @model_validator(mode="after")
+    def _chain_shape(self) -> AITMConfig:
+        if self.chain is not None and (
+            len(self.chain) < 2 or len(set(self.chain)) < len(self.chain)
+        ):
+            raise ValueError(f"aitm.chain needs at least two distinct tasks, got {self.chain}")
+        return self
+
+
+class CrossStitchConfig(_Strict):
+    """Cross-stitch units (Misra et al., CVPR 2016): ``type: cross_stitch``."""
+
+    self_weight: float = Field(
+        1.0,
+        ge=0.0,
+        le=1.0,
+        description="initial weight of a task's own column in each mix (alpha_S); the other "
+        "columns share 1 - self_weight equally (alpha_D). 1.0 starts as the identity mix",
+    )
+
+
+class L2ConstrainedConfig(_Strict):
+    """L2-constrained soft sharing (Duong et al., ACL 2015): ``type: l2_constrained``."""
+
+    weight: float = Field(
+        0.01, ge=0.0, description="lambda of sum over task pairs s<t of ||W_s - W_t||^2"
+    )
+
+
+class ModelConfig(_Strict):
+    """Architecture and sizes. ``type`` is a key of :data:`MODEL_TYPES`."""
+
+    type: str = "mmoe"
     embed_dim: int = Field(16, ge=1)
-    bottom_units: list[int] = [128, 64]  # shared_bottom / single_task / base
+    # shared_bottom / single_task / base; the per-task columns of aitm, cross_stitch, l2_constrained
+    bottom_units: list[int] = [128, 64]
     expert_units: list[int] = [128, 64]  # omoe / mmoe / ple experts
     n_experts: int = Field(4, ge=1)
     tower_units: list[int] = [32]
@@ -113,6 +201,18 @@ class ModelConfig(_Strict):
     # ESMM's CVR/CTR towers may sit on any bottom: "shared_bottom", "mmoe", ...
     esmm_bottom: Literal["shared_bottom", "mmoe", "ple"] = "shared_bottom"
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    debias: DebiasConfig = DebiasConfig()
+    aitm: AITMConfig = AITMConfig()
+    cross_stitch: CrossStitchConfig = CrossStitchConfig()
+    l2_constrained: L2ConstrainedConfig = L2ConstrainedConfig()
+
+    @field_validator("type")
+    @classmethod
+    def _known_type(cls, value: str) -> str:
+        if value not in MODEL_TYPES:
+            known = ", ".join(MODEL_TYPES)
+            raise ValueError(f"unknown model type {value!r}; known types: {known}")
+        return value
 
 
 class TaskWeights(_Strict):
@@ -128,7 +228,60 @@ class WeightingConfig(_Strict):
 
 class EarlyStopping(_Strict):
     metric: str = Field("valid_loss", description="valid_loss or '<task>_auc'")
-    patience: int = Field(2, ge=1)
+    patience: int = Field(2, ge=1, description="validation points without improvement")
+
+
+class ValidationConfig(_Strict):
+    """When the validation split is scored; each scoring is one validation point."""
+
+    every_steps: int | None = Field(
+        None,
+        ge=1,
+        description="also validate every K optimiser steps (global count); None: only at the end "
+        "of each epoch",
+    )
+
+
+class LRSchedule(_Strict):
+    """A factor on every optimiser's learning rate: linear warm-up, then decay over the plan."""
+
+    warmup_steps: int = Field(0, ge=0, description="steps the factor climbs linearly to 1 over")
+    decay: Literal["none", "linear", "cosine"] = Field(
+        "none", description="from 1 after warm-up to min_lr_ratio at the last planned step"
+    )
+    min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0, description="the factor at the last step")
+
+
+class EmbeddingRegularization(_Strict):
+    """Frequency-aware L2 on the id embedding rows a batch touches (DIN's mini-batch aware
+    regularisation, Zhou et al., KDD 2018): (weight / 2) * sum over distinct rows j of the batch
+    of ||e_j||^2 / n_j, with n_j the row's count in the train split."""
+
+    type: Literal["none", "frequency"] = "none"
+    weight: float = Field(0.0, ge=0.0, description="lambda of the penalty")
+
+    @model_validator(mode="after")
+    def _weight_with_type(self) -> EmbeddingRegularization:
+        if self.type == "frequency" and self.weight <= 0:
+            raise ValueError("embedding_regularization: type frequency needs a weight > 0")
+        return self
+
+
+class EmbeddingOptimizer(_Strict):
+    """How the embedding tables are updated: with everything else, or by their own optimiser."""
+
+    type: Literal["same", "adam", "sparse_adam", "adagrad"] = Field(
+        "same",
+        description="same: the one Adam of every parameter; adam: a second dense Adam; "
+        "sparse_adam / adagrad: sparse gradients, only the rows of the batch are updated",
+    )
+    lr: float | None = Field(None, gt=0, description="None: the main lr")
+
+    @model_validator(mode="after")
+    def _lr_needs_own_optimizer(self) -> EmbeddingOptimizer:
+        if self.type == "same" and self.lr is not None:
+            raise ValueError("embedding_optimizer.lr needs a type other than 'same'")
+        return self
 
 
 class TrainConfig(_Strict):
@@ -143,6 +296,15 @@ class TrainConfig(_Strict):
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     early_stopping: EarlyStopping = EarlyStopping()
+    validation: ValidationConfig = ValidationConfig()
+    lr_schedule: LRSchedule = LRSchedule()
+    init_output_bias: bool = Field(
+        True,
+        description="start every output at the train split's base rate: binary log-odds, "
+        "regression mean (after its transform), conditional tasks over parent-positive rows",
+    )
+    embedding_regularization: EmbeddingRegularization = EmbeddingRegularization()
+    embedding_optimizer: EmbeddingOptimizer = EmbeddingOptimizer()
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     max_steps: int | None = Field(None, ge=1, description="stop after this many steps (smoke runs)")

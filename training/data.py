@@ -24,7 +24,7 @@ import logging
 import math
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,7 +37,7 @@ import pyarrow.parquet as pq
 from numpy.lib.format import open_memmap
 
 from mtrank.spec import OOV_INDEX, DenseField, FeatureSpec, SparseField, TaskOutput
-from training.config import DatasetSpec
+from training.config import DatasetSpec, TaskColumn
 
 log = logging.getLogger(__name__)
 CACHE_VERSION = 1
@@ -546,6 +546,19 @@ class Encoded:
             truth={k: np.array(v[rows]) for k, v in self.truth.items()},
         )
 
+    def id_counts(self, vocab_sizes: Sequence[int], chunk_rows: int = 1 << 18) -> list[np.ndarray]:
+        """Rows per vocabulary index of each sparse column: (vocab_size,) int64 per column.
+
+        Counts the encoded ids, so rare values folded into the OOV index count for index 0.
+        Read in chunks: the memory maps are never loaded whole.
+        """
+        counts = [np.zeros(v, dtype=np.int64) for v in vocab_sizes]
+        for s in range(0, len(self), chunk_rows):
+            block = np.asarray(self.sparse[s : s + chunk_rows])  # (n, S)
+            for j, c in enumerate(counts):
+                c += np.bincount(block[:, j], minlength=len(c))[: len(c)]
+        return counts
+
     def batches(
         self,
         batch_size: int,
@@ -572,6 +585,29 @@ class Encoded:
         for s in range(lo, lo + per_rank, batch_size):
             e = min(s + batch_size, lo + per_rank)
             yield self.take(slice(s, e) if order is None else np.sort(order[s:e]))
+
+
+def label_base_rates(
+    split: Encoded, tasks: Sequence[TaskColumn], chunk_rows: int = 1 << 18
+) -> dict[str, float]:
+    """Each task's base rate on ``split``, in the space its output is fitted in.
+
+    Binary: the positive rate; regression: the mean label after its ``transform``. A task that
+    ``depends_on`` a parent is averaged over the rows where the parent is positive, as its loss
+    is (models.base): P(child | parent). A task with no such rows gets 0.
+    """
+    sums = dict.fromkeys((t.name for t in tasks), 0.0)
+    rows = dict.fromkeys((t.name for t in tasks), 0.0)
+    for s in range(0, len(split), chunk_rows):
+        for t in tasks:
+            y = np.asarray(split.labels[t.name][s : s + chunk_rows], dtype=np.float64)  # (n,)
+            if t.transform == "log1p":
+                y = np.log1p(np.maximum(y, 0.0))
+            if t.depends_on is not None:
+                y = y[np.asarray(split.labels[t.depends_on][s : s + chunk_rows]) >= 0.5]
+            sums[t.name] += float(y.sum())
+            rows[t.name] += len(y)
+    return {n: sums[n] / rows[n] if rows[n] else 0.0 for n in sums}
 
 
 @dataclass(frozen=True)

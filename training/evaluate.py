@@ -98,7 +98,14 @@ def _funnel_report(
     rep: dict[str, Any] = {"parent": parent.name, "auc_clicked": auc(y_c[clicked], p_c[clicked])}
     truth = f"cf_{child.label}"
     if truth in data.truth:
-        rep["auc_entire_space"] = auc(np.asarray(data.truth[truth]), p_c)
+        # Where the CVR is served: every impression, against the purchase that would follow a
+        # click. Calibration and the bias of the mean show a selection-biased estimator.
+        y_cf = np.asarray(data.truth[truth], dtype=np.float64)  # (N,)
+        rep["auc_entire_space"] = auc(y_cf, p_c)
+        rep["ece_entire_space"] = calibration(y_cf, p_c)["ece"]
+        rep["mean_pred_entire_space"] = float(p_c.mean())
+        rep["mean_truth_entire_space"] = float(y_cf.mean())
+        rep["bias_entire_space"] = float(p_c.mean() - y_cf.mean())
         rep["truth_column"] = truth
     joint_pred = preds[joint] if joint is not None else preds[parent.name] * p_c  # (N,)
     rep["ctcvr_auc"] = auc(y_p * y_c, joint_pred)
@@ -148,7 +155,13 @@ def flat_metrics(report: dict[str, Any]) -> dict[str, float]:
         if "calibration" in rep:
             flat[f"{task}_ece"] = float(rep["calibration"]["ece"])
     for child, rep in report["funnels"].items():
-        for key in ("auc_clicked", "auc_entire_space", "ctcvr_auc"):
+        for key in (
+            "auc_clicked",
+            "auc_entire_space",
+            "ece_entire_space",
+            "bias_entire_space",
+            "ctcvr_auc",
+        ):
             if key in rep:
                 flat[f"{child}_{key}"] = float(rep[key])
     return flat

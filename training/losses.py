@@ -50,8 +50,22 @@ class Weighting(nn.Module, ABC):
         self.task_kinds = dict(task_kinds)
 
     @abstractmethod
-    def backward(self, losses: Mapping[str, Tensor], model: MultiTaskModel) -> dict[str, float]:
-        """Run the backward pass of the weighted total; return the weight given to each task."""
+    def backward(
+        self, losses: Mapping[str, Tensor], model: MultiTaskModel, extra: Tensor | None = None
+    ) -> dict[str, float]:
+        """Run the backward pass of the weighted total plus ``extra`` (a penalty outside the
+        task weighting, e.g. the embedding regulariser); return the weight given each task."""
+
+
+def _plus(total: Tensor, extra: Tensor | None) -> Tensor:
+    return total if extra is None else total + extra
+
+
+def _dense(grad: Tensor | None, param: Tensor) -> Tensor:
+    """A parameter's gradient as a dense tensor (zeros when unused; sparse embedding tables)."""
+    if grad is None:
+        return torch.zeros_like(param)
+    return grad.to_dense() if grad.is_sparse else grad
 
 
 class StaticWeighting(Weighting):
@@ -59,9 +73,11 @@ class StaticWeighting(Weighting):
         super().__init__(task_kinds)
         self.weights = {n: float(weights.get(n, 1.0)) for n in self.task_names}
 
-    def backward(self, losses: Mapping[str, Tensor], model: MultiTaskModel) -> dict[str, float]:
+    def backward(
+        self, losses: Mapping[str, Tensor], model: MultiTaskModel, extra: Tensor | None = None
+    ) -> dict[str, float]:
         total = torch.stack([self.weights[n] * losses[n] for n in self.task_names]).sum()
-        torch.autograd.backward(total)
+        torch.autograd.backward(_plus(total, extra))
         return dict(self.weights)
 
 
@@ -86,11 +102,13 @@ class UncertaintyWeighting(Weighting):
         self.log_vars = nn.Parameter(torch.zeros(len(self.task_names)))  # (T,)
         self.regression = [self.task_kinds[n] == "regression" for n in self.task_names]
 
-    def backward(self, losses: Mapping[str, Tensor], model: MultiTaskModel) -> dict[str, float]:
+    def backward(
+        self, losses: Mapping[str, Tensor], model: MultiTaskModel, extra: Tensor | None = None
+    ) -> dict[str, float]:
         total, w = uncertainty_total(
             [losses[n] for n in self.task_names], self.log_vars, self.regression
         )
-        torch.autograd.backward(total)
+        torch.autograd.backward(_plus(total, extra))
         return {n: float(v) for n, v in zip(self.task_names, w.detach().tolist(), strict=True)}
 
 
@@ -181,7 +199,9 @@ def pe_ltr_weights(gram: np.ndarray, lower: np.ndarray) -> np.ndarray:
 class _GradientWeighting(Weighting):
     """Shared machinery of MGDA and PE-LTR: per-task gradients on the shared parameters."""
 
-    def backward(self, losses: Mapping[str, Tensor], model: MultiTaskModel) -> dict[str, float]:
+    def backward(
+        self, losses: Mapping[str, Tensor], model: MultiTaskModel, extra: Tensor | None = None
+    ) -> dict[str, float]:
         shared = [p for p in model.shared_parameters() if p.requires_grad]
         if not shared:
             raise ConfigError(
@@ -191,19 +211,14 @@ class _GradientWeighting(Weighting):
         for n in self.task_names:
             grads = torch.autograd.grad(losses[n], shared, retain_graph=True, allow_unused=True)
             rows.append(
-                torch.cat(
-                    [
-                        (g if g is not None else torch.zeros_like(p)).reshape(-1)
-                        for g, p in zip(grads, shared, strict=True)
-                    ]
-                )
+                torch.cat([_dense(g, p).reshape(-1) for g, p in zip(grads, shared, strict=True)])
             )  # (P,)
         G = torch.stack(rows).double()  # (T, P)
         w = self.solve((G @ G.T).cpu().numpy())  # (T,)
         total = torch.stack(
             [float(wk) * losses[n] for wk, n in zip(w, self.task_names, strict=True)]
         ).sum()
-        torch.autograd.backward(total)
+        torch.autograd.backward(_plus(total, extra))
         return {n: float(wk) for n, wk in zip(self.task_names, w, strict=True)}
 
     @abstractmethod

@@ -7,6 +7,9 @@
   (Ma et al., SIGIR 2018). ``cf_purchase`` is a purchase label drawn for every impression from
   ``true_cvr`` (the counterfactual "had it been clicked"), so CVR can be evaluated on the entire
   impression space; ``purchase = click * cf_purchase``. Never train on the truth columns.
+  ``selection_bias`` (default 1.0, the original world) scales how strongly the unobserved item
+  trait clickbait raises clicks and lowers purchases: 0 removes that channel of the bias, 2
+  doubles it, so a benchmark can show each CVR estimator as the bias grows.
 * ``mmoe``: the two-task regression of Ma et al., KDD 2018 (MMoE), section 3.2, whose task
   relatedness is set by the cosine similarity ``rho`` of the two weight vectors.
 * ``census``: the UCI Census-Income (KDD) file split into train/valid/test with the two MMoE
@@ -41,6 +44,11 @@ CHUNK_ROWS = 200_000
 SPLIT_FRACTIONS = (0.8, 0.1, 0.1)
 DEVICES = np.array(["ios", "android", "web"])
 GENDERS = np.array(["F", "M", "U"])
+# clickbait's effect on the click and purchase logits at selection_bias 1, and the trait value
+# the strength pivots around: about the items' mean clickbait, so an average item keeps its
+# logits at any strength. Base rates still move (a wider logit spread raises a low mean rate);
+# meta.json records them.
+BAIT_CLICK, BAIT_PURCHASE, BAIT_PIVOT = 2.6, -3.0, 0.45
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:
@@ -164,6 +172,7 @@ def _impressions(
     items: dict[str, np.ndarray],
     rows: np.ndarray,
     n_total: int,
+    selection_bias: float = 1.0,
 ) -> dict[str, np.ndarray]:
     """The funnel for global impression numbers ``rows`` (time increases with the number)."""
     n = len(rows)
@@ -180,11 +189,12 @@ def _impressions(
     affinity = np.einsum("nk,nk->n", users["_pref"][u], items["_vec"][i]) / np.sqrt(LATENT_DIM)
     quality, bait = items["quality"][i], items["_clickbait"][i]
     promoted = items["promoted"][i]
+    bait_effect = bait + (selection_bias - 1.0) * (bait - BAIT_PIVOT)  # (n,) bait itself at 1
     z_price = (np.log(items["price"][i]) - 3.5) / 0.9
     ctr_logit = (
         -4.6
         + 0.9 * affinity
-        + 2.6 * bait
+        + BAIT_CLICK * bait_effect
         + 0.7 * promoted
         - 1.0 * quality
         + 0.25 * np.log(users["user_activity"][u])
@@ -195,7 +205,7 @@ def _impressions(
         -2.0
         + 3.5 * (quality - 0.5)
         - 1.6 * users["_sensitivity"][u] * z_price
-        - 3.0 * bait
+        + BAIT_PURCHASE * bait_effect
         + 0.9 * users["_propensity"][u]
         + 0.3 * affinity
         + 0.3 * promoted
@@ -232,15 +242,23 @@ def _chunks(n: int, size: int) -> Iterator[tuple[int, np.ndarray]]:
 
 
 def generate_ecommerce(
-    out_dir: Path, n_impressions: int, seed: int, fmt: str = "parquet"
+    out_dir: Path,
+    n_impressions: int,
+    seed: int,
+    fmt: str = "parquet",
+    selection_bias: float = 1.0,
 ) -> dict[str, Any]:
     """Write users.parquet, items.parquet, {train,valid,test}.<fmt> and meta.json; return meta.
 
     Splits are by time (first 80% of impressions train, next 10% valid, last 10% test). The
     entity tables always are Parquet; impression rows copy their attribute values verbatim.
+    ``selection_bias`` >= 0 scales clickbait's pull on clicks and push on purchases (1.0: the
+    original world; the same seed draws the same users, items and random numbers at any value).
     """
     if n_impressions < 10:
         raise ValueError(f"n_impressions must be >= 10, got {n_impressions}")
+    if not selection_bias >= 0.0:
+        raise ValueError(f"selection_bias must be >= 0, got {selection_bias}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     ent_rng = np.random.default_rng([seed, 0])
@@ -260,7 +278,8 @@ def generate_ecommerce(
     sums = dict.fromkeys(("click", "cf_purchase", "purchase", "cart", "collect", "cvr_clk"), 0.0)
     sums |= {"true_cvr": 0.0, "quality": 0.0, "quality_clk": 0.0}
     for c, rows in _chunks(n_impressions, CHUNK_ROWS):
-        cols = _impressions(np.random.default_rng([seed, 1, c]), users, items, rows, n_impressions)
+        rng = np.random.default_rng([seed, 1, c])
+        cols = _impressions(rng, users, items, rows, n_impressions, selection_bias)
         writer.write(pa.table(cols), int(rows[0]))
         clk = cols["click"] == 1
         for k in ("click", "cf_purchase", "purchase", "cart", "collect", "true_cvr", "quality"):
@@ -274,6 +293,7 @@ def generate_ecommerce(
         "seed": seed,
         "format": fmt,
         "n_impressions": n_impressions,
+        "selection_bias": selection_bias,
         "n_users": len(users["user_id"]),
         "n_items": len(items["item_id"]),
         "today_day": TODAY_DAY,
@@ -439,6 +459,12 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--impressions", type=int, default=1_000_000)
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--format", choices=["parquet", "csv"], default="parquet")
+    e.add_argument(
+        "--selection-bias",
+        type=float,
+        default=1.0,
+        help="how strongly clickbait raises clicks and lowers purchases (default 1.0; 0 = none)",
+    )
     m = sub.add_parser("mmoe", help="MMoE paper two-task regression with task correlation rho")
     m.add_argument("--out", type=Path, required=True)
     m.add_argument("--correlation", type=float, required=True)
@@ -457,7 +483,9 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
     if args.kind == "ecommerce":
-        meta = generate_ecommerce(args.out, args.impressions, args.seed, args.format)
+        meta = generate_ecommerce(
+            args.out, args.impressions, args.seed, args.format, args.selection_bias
+        )
     elif args.kind == "mmoe":
         meta = generate_mmoe(
             args.out,

@@ -5,11 +5,17 @@
 
 Model-agnostic on purpose: a model turns a batch into per-task losses (``compute_losses``), a
 weighting strategy (training/losses.py) turns those into one backward pass, and nothing here
-knows which architecture or which strategy it runs. Each epoch is validated with
-training/evaluate.py; early stopping watches ``early_stopping.metric`` (``valid_loss`` or any flat
-metric such as ``ctr_auc``). The best epoch is saved to ``OUT/best.pt`` with everything needed to
-rebuild the model without the config file: the resolved config, the feature spec, the epoch,
-its metrics and the learned loss weights.
+knows which architecture or which strategy it runs.
+
+Before the first step every output starts at its task's base rate in the train split
+(``init_output_bias``, models.base). The validation split is scored with training/evaluate.py at
+the end of each epoch and, with ``validation.every_steps: K``, every K steps: each scoring is a
+validation point in ``OUT/history.json``. Early stopping watches ``early_stopping.metric``
+(``valid_loss`` or any flat metric such as ``ctr_auc``) and counts its patience in validation
+points. The best point is saved to ``OUT/best.pt`` with everything needed to rebuild the model
+without the config file (the resolved config, the feature spec, epoch and step, its metrics, the
+learned loss weights, the base rates and the output biases they set), and the returned model is
+restored to it. Optimisers, the learning-rate schedule and the embedding penalty: training/optim.py.
 
 Under torchrun (``WORLD_SIZE`` > 1) every rank trains on its own shard (``batches(rank=,
 world_size=)``; shards have equal length, so ranks take the same number of steps), DDP averages
@@ -43,10 +49,11 @@ from tqdm import tqdm
 
 from training.checkpoint import BEST, save_checkpoint
 from training.config import ConfigError, TrainConfig, load_train_config
-from training.data import Batch, Encoded, PreparedData
+from training.data import Batch, Encoded, PreparedData, label_base_rates
 from training.evaluate import evaluate, lower_is_better
 from training.losses import Weighting, build_weighting
 from training.models import MultiTaskModel, build_model
+from training.optim import FrequencyRegularizer, build_optimizers, lr_factor, set_lr, step
 from training.reports import to_json
 
 log = logging.getLogger(__name__)
@@ -56,15 +63,18 @@ _EXPONENT = re.compile(r"[-+]?\d+(\.\d*)?[eE][-+]?\d+")
 
 @dataclass(frozen=True)
 class TrainResult:
-    """What a run left behind. ``metrics`` are the best epoch's validation metrics."""
+    """What a run left behind. ``metrics`` are the best validation point's metrics."""
 
     best_checkpoint: Path
     history: Path
     metrics: dict[str, float]
     best_epoch: int
+    best_step: int
     epochs_run: int
+    validations: int
     stopped_early: bool
-    # the objects at the END of training (not the best epoch): for in-process callers and tests
+    # the objects restored to the best validation point (what best.pt holds), for in-process
+    # callers and tests
     model: MultiTaskModel = field(repr=False, compare=False)
     weighting: Weighting = field(repr=False, compare=False)
 
@@ -123,26 +133,51 @@ def to_device(batch: Batch, device: torch.device) -> tuple[Tensor, Tensor, dict[
 
 # ---------------------------------------------------------------- the loop
 class EarlyStopper:
-    """Tracks the best value of one metric and how many epochs it has not improved."""
+    """Tracks the best value of one metric and how many validation points it has not improved."""
 
     def __init__(self, metric: str, patience: int) -> None:
         self.metric, self.patience = metric, patience
         self.minimise = lower_is_better(metric)
         self.best = math.inf if self.minimise else -math.inf
-        self.bad_epochs = 0
+        self.bad_points = 0
 
     def improved(self, value: float) -> bool:
-        """Record one epoch's value; True when it is the best so far (NaN never is)."""
+        """Record one validation point's value; True when it is the best so far (NaN never is)."""
         better = value < self.best if self.minimise else value > self.best
         if better:  # NaN compares False either way
-            self.best, self.bad_epochs = value, 0
+            self.best, self.bad_points = value, 0
             return True
-        self.bad_epochs += 1
+        self.bad_points += 1
         return False
 
     @property
     def stop(self) -> bool:
-        return self.bad_epochs >= self.patience
+        return self.bad_points >= self.patience
+
+
+class _Window:
+    """Mean task losses and loss weights over the steps since the last validation point."""
+
+    def __init__(self, tasks: list[str]) -> None:
+        self.tasks = tasks
+        self.reset()
+
+    def reset(self) -> None:
+        self.loss = dict.fromkeys(self.tasks, 0.0)
+        self.weight = dict.fromkeys(self.tasks, 0.0)
+        self.penalty, self.steps = 0.0, 0
+
+    def add(self, losses: dict[str, float], weights: dict[str, float], penalty: float) -> None:
+        for t in self.tasks:
+            self.loss[t] += losses[t]
+            self.weight[t] += weights[t]
+        self.penalty += penalty
+        self.steps += 1
+
+    def means(self) -> tuple[dict[str, float], dict[str, float], float]:
+        k = max(self.steps, 1)
+        loss = {t: v / k for t, v in self.loss.items()}
+        return loss, {t: v / k for t, v in self.weight.items()}, self.penalty / k
 
 
 def _batches(cfg: TrainConfig, train: Encoded, epoch: int, c: Cluster) -> Iterator[Batch]:
@@ -151,45 +186,11 @@ def _batches(cfg: TrainConfig, train: Encoded, epoch: int, c: Cluster) -> Iterat
     )
 
 
-def _run_epoch(
-    cfg: TrainConfig,
-    net: nn.Module,
-    model: MultiTaskModel,
-    weighting: Weighting,
-    opt: torch.optim.Optimizer,
-    train: Encoded,
-    epoch: int,
-    c: Cluster,
-    step: int,
-) -> tuple[dict[str, float], dict[str, float], int]:
-    """One pass over this rank's shard: mean task losses, mean loss weights, the new step."""
-    net.train()
-    loss_sum = dict.fromkeys(model.task_names, 0.0)
-    weight_sum = dict.fromkeys(model.task_names, 0.0)
-    n_steps, seen, t0 = 0, 0, time.perf_counter()
-    total = math.ceil(len(train) // c.world_size / cfg.batch_size)
-    # disable=None: draw only on a terminal (logs and CI stay readable), and only on rank 0
-    bar = tqdm(total=total, desc=f"epoch {epoch}", disable=None if c.main else True, leave=False)
-    for batch in _batches(cfg, train, epoch, c):
-        if cfg.max_steps is not None and step >= cfg.max_steps:
-            break
-        sparse, dense, labels = to_device(batch, c.device)
-        losses = model.compute_losses(net(sparse, dense), labels)
-        opt.zero_grad(set_to_none=True)
-        weights = weighting.backward(losses, model)
-        _average_grads(weighting, c)
-        opt.step()
-        step, n_steps, seen = step + 1, n_steps + 1, seen + len(batch.sparse)
-        values = {t: v.item() for t, v in losses.items()}
-        for t, v in values.items():
-            loss_sum[t] += v
-            weight_sum[t] += weights[t]
-        rate = seen * c.world_size / max(time.perf_counter() - t0, 1e-9)
-        bar.set_postfix({**{t: f"{v:.4f}" for t, v in values.items()}, "rows/s": f"{rate:.0f}"})
-        bar.update(1)
-    bar.close()
-    k = max(n_steps, 1)
-    return {t: s / k for t, s in loss_sum.items()}, {t: s / k for t, s in weight_sum.items()}, step
+def planned_steps(cfg: TrainConfig, train_rows: int, world_size: int) -> int:
+    """Optimiser steps of the whole run if it is not stopped early (the schedule's horizon)."""
+    per_epoch = math.ceil(train_rows // world_size / cfg.batch_size)
+    total = cfg.epochs * per_epoch
+    return min(total, cfg.max_steps) if cfg.max_steps is not None else total
 
 
 def _average_grads(module: nn.Module, c: Cluster) -> None:
@@ -212,6 +213,11 @@ def train(cfg: TrainConfig, out_dir: Path, data: PreparedData | None = None) -> 
             dist.destroy_process_group()
 
 
+def _snapshot(module: nn.Module) -> dict[str, Tensor]:
+    """A CPU copy of ``module``'s state: the best validation point, restored at the end."""
+    return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
+
+
 def _train(cfg: TrainConfig, out: Path, data: PreparedData | None, c: Cluster) -> TrainResult:
     if data is None:
         data = _prepare(cfg, c)
@@ -221,64 +227,155 @@ def _train(cfg: TrainConfig, out: Path, data: PreparedData | None, c: Cluster) -
         )
     if c.main:
         out.mkdir(parents=True, exist_ok=True)
-    set_seed(cfg.seed)
-    model = build_model(cfg, data.spec).to(c.device)
-    weighting = build_weighting(cfg, model.task_kinds).to(c.device)
-    net: nn.Module = model
-    if c.world_size > 1:
-        ids = [c.device.index] if c.device.type == "cuda" else None
-        net = DistributedDataParallel(model, device_ids=ids)
-    params = list(model.parameters()) + list(weighting.parameters())
-    opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return _Run(cfg, out, data, c).run()
 
-    stopper = EarlyStopper(cfg.early_stopping.metric, cfg.early_stopping.patience)
-    history: list[dict[str, Any]] = []
-    best_metrics: dict[str, float] = {}
-    best_epoch, step, stopped = 0, 0, False
-    for epoch in range(1, cfg.epochs + 1):
-        train_loss, weights, step = _run_epoch(
-            cfg, net, model, weighting, opt, data.train, epoch, c, step
-        )
-        metrics = _validate(cfg, model, data, c, train_loss)
-        if stopper.metric not in metrics:
+
+class _Run:
+    """One training run: the set-up, the step, the validation point and the loop over epochs."""
+
+    def __init__(self, cfg: TrainConfig, out: Path, data: PreparedData, c: Cluster) -> None:
+        self.cfg, self.out, self.data, self.c = cfg, out, data, c
+        set_seed(cfg.seed)
+        model = build_model(cfg, data.spec)
+        # every rank reads the whole train split, so all compute the same rates and biases
+        self.base_rates = label_base_rates(data.train, cfg.dataset.tasks)
+        self.output_bias = model.init_output_bias(self.base_rates) if cfg.init_output_bias else {}
+        self.model = model.to(c.device)
+        self.weighting = build_weighting(cfg, model.task_kinds).to(c.device)
+        # before DDP wraps the model: a sparse embedding optimiser changes the tables' gradients
+        self.opts = build_optimizers(cfg, self.model, list(self.weighting.parameters()))
+        self.penalty: FrequencyRegularizer | None = None
+        reg = cfg.embedding_regularization
+        if reg.type == "frequency" and reg.weight > 0:
+            counts = data.train.id_counts([f.vocab_size for f in data.spec.sparse])
+            self.penalty = FrequencyRegularizer.for_model(self.model, counts, reg.weight)
+        self.net: nn.Module = self.model
+        if c.world_size > 1:
+            ids = [c.device.index] if c.device.type == "cuda" else None
+            self.net = DistributedDataParallel(self.model, device_ids=ids)
+        self.total_steps = planned_steps(cfg, len(data.train), c.world_size)
+        self.stopper = EarlyStopper(cfg.early_stopping.metric, cfg.early_stopping.patience)
+        self.window = _Window(self.model.task_names)
+        self.history: list[dict[str, Any]] = []
+        self.best: dict[str, Any] = {}  # metrics, epoch, step and states of the best point
+        self.step = 0
+
+    def train_step(self, batch: Batch) -> dict[str, float]:
+        """One optimiser step on ``batch``; returns the task losses."""
+        set_lr(self.opts, lr_factor(self.step, self.cfg.lr_schedule, self.total_steps))
+        sparse, dense, labels = to_device(batch, self.c.device)
+        losses = self.model.compute_losses(self.net(sparse, dense), labels)
+        penalty = self.penalty(sparse) if self.penalty is not None else None
+        for opt in self.opts:
+            opt.zero_grad(set_to_none=True)
+        weights = self.weighting.backward(losses, self.model, penalty)
+        _average_grads(self.weighting, self.c)
+        step(self.opts)
+        self.step += 1
+        values = {t: v.item() for t, v in losses.items()}
+        self.window.add(values, weights, 0.0 if penalty is None else penalty.item())
+        return values
+
+    def validate_point(self, epoch: int, epoch_end: bool) -> bool:
+        """Score the valid split at this step and keep the best point; True: stop training."""
+        cfg, c = self.cfg, self.c
+        train_loss, weights, penalty = self.window.means()
+        self.window.reset()
+        metrics = _validate(cfg, self.model, self.data, c, train_loss)
+        if self.stopper.metric not in metrics:
             raise ConfigError(
-                f"early_stopping.metric {stopper.metric!r} is not one of {sorted(metrics)}"
+                f"early_stopping.metric {self.stopper.metric!r} is not one of {sorted(metrics)}"
             )
-        value = metrics[stopper.metric]
-        improved = stopper.improved(value)
-        row = {"epoch": epoch, "step": step, "train_loss": train_loss, "loss_weights": weights}
-        history.append({**row, "valid": metrics, "best": improved})
+        value = metrics[self.stopper.metric]
+        improved = self.stopper.improved(value)
+        lr = cfg.lr * lr_factor(max(self.step - 1, 0), cfg.lr_schedule, self.total_steps)
+        row: dict[str, Any] = {"epoch": epoch, "step": self.step, "epoch_end": epoch_end}
+        row |= {"lr": lr, "train_loss": train_loss, "loss_weights": weights}
+        if self.penalty is not None:
+            row["embedding_penalty"] = penalty
+        self.history.append({**row, "valid": metrics, "best": improved})
         log.info(
-            "epoch %d  %s=%.5f%s  loss weights %s",
+            "epoch %d step %d  %s=%.5f%s  loss weights %s",
             epoch,
-            stopper.metric,
+            self.step,
+            self.stopper.metric,
             value,
             " (best)" if improved else "",
             {t: round(w, 4) for t, w in weights.items()},
         )
-        if improved or best_epoch == 0:  # a NaN first epoch is still saved: best.pt must exist
-            best_metrics, best_epoch = metrics, epoch
+        if improved or not self.best:  # a NaN first point is still saved: best.pt must exist
+            self.best = {"metrics": metrics, "epoch": epoch, "step": self.step}
+            self.best |= {"model": _snapshot(self.model), "weighting": _snapshot(self.weighting)}
             if c.main:
                 save_checkpoint(
-                    out / BEST,
-                    model,
-                    weighting,
+                    self.out / BEST,
+                    self.model,
+                    self.weighting,
                     cfg,
-                    data.spec,
+                    self.data.spec,
                     epoch=epoch,
-                    step=step,
+                    step=self.step,
                     metrics=metrics,
                     loss_weights=weights,
-                    data_fingerprint=data.fingerprint,
+                    data_fingerprint=self.data.fingerprint,
+                    base_rates=self.base_rates,
+                    output_bias=self.output_bias,
                 )
         if c.main:
-            (out / HISTORY).write_text(json.dumps(to_json(history), indent=1))
-        if stopper.stop or (cfg.max_steps is not None and step >= cfg.max_steps):
-            stopped = stopper.stop
-            break
-    return TrainResult(
-        out / BEST, out / HISTORY, best_metrics, best_epoch, len(history), stopped, model, weighting
-    )
+            (self.out / HISTORY).write_text(json.dumps(to_json(self.history), indent=1))
+        return self.stopper.stop
+
+    def run_epoch(self, epoch: int) -> bool:
+        """One pass over this rank's shard, validating every K steps; True: stop training."""
+        cfg, c, every = self.cfg, self.c, self.cfg.validation.every_steps
+        self.net.train()
+        n_batches = math.ceil(len(self.data.train) // c.world_size / cfg.batch_size)
+        # disable=None: draw only on a terminal (logs and CI stay readable), and only on rank 0
+        bar = tqdm(
+            total=n_batches, desc=f"epoch {epoch}", disable=None if c.main else True, leave=False
+        )
+        t0, seen, k = time.perf_counter(), 0, 0
+        try:
+            for batch in _batches(cfg, self.data.train, epoch, c):
+                if cfg.max_steps is not None and self.step >= cfg.max_steps:
+                    break
+                values = self.train_step(batch)
+                seen, k = seen + len(batch.sparse), k + 1
+                rate = seen * c.world_size / max(time.perf_counter() - t0, 1e-9)
+                bar.set_postfix(
+                    {**{t: f"{v:.4f}" for t, v in values.items()}, "rows/s": f"{rate:.0f}"}
+                )
+                bar.update(1)
+                if every is not None and self.step % every == 0:
+                    if self.validate_point(epoch, epoch_end=k == n_batches):
+                        return True
+        finally:
+            bar.close()
+        # the steps since the last point: an epoch (or a max_steps cut) ends with a point
+        return self.window.steps > 0 and self.validate_point(epoch, epoch_end=k == n_batches)
+
+    def run(self) -> TrainResult:
+        epoch, stopped = 0, False
+        for epoch in range(1, self.cfg.epochs + 1):
+            stopped = self.run_epoch(epoch)
+            if stopped or (self.cfg.max_steps is not None and self.step >= self.cfg.max_steps):
+                break
+        if not self.history:  # no step was taken (an empty split): best.pt must still exist
+            self.validate_point(epoch, epoch_end=True)
+        self.model.load_state_dict(self.best["model"])  # the best point, as best.pt holds it
+        self.weighting.load_state_dict(self.best["weighting"])
+        return TrainResult(
+            self.out / BEST,
+            self.out / HISTORY,
+            self.best["metrics"],
+            self.best["epoch"],
+            self.best["step"],
+            epoch,
+            len(self.history),
+            stopped,
+            self.model,
+            self.weighting,
+        )
 
 
 def _prepare(cfg: TrainConfig, c: Cluster) -> PreparedData:
@@ -350,7 +447,12 @@ def main(argv: list[str]) -> int:
     except ConfigError as e:
         log.error("mtrank train: %s", e)
         return 2
-    log.info("best epoch %d: %s", result.best_epoch, result.best_checkpoint)
+    log.info(
+        "best point: epoch %d step %d: %s",
+        result.best_epoch,
+        result.best_step,
+        result.best_checkpoint,
+    )
     return 0
 
 

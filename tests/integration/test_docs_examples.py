@@ -50,12 +50,16 @@ from training.config import (
     DebiasConfig,
     DenseColumn,
     EarlyStopping,
+    EmbeddingOptimizer,
+    EmbeddingRegularization,
     L2ConstrainedConfig,
+    LRSchedule,
     ModelConfig,
     SparseColumn,
     TaskColumn,
     TaskWeights,
     TrainConfig,
+    ValidationConfig,
     WeightingConfig,
     load_dataset_spec,
 )
@@ -396,7 +400,8 @@ def test_every_condition_op_and_attribute_is_documented() -> None:
 CONFIG_MODELS: tuple[type[BaseModel], ...] = (
     DatasetSpec, SparseColumn, DenseColumn, TaskColumn, TrainConfig, ModelConfig, TaskWeights,
     WeightingConfig, EarlyStopping, DebiasConfig, AITMConfig, CrossStitchConfig,
-    L2ConstrainedConfig,
+    L2ConstrainedConfig, ValidationConfig, LRSchedule, EmbeddingRegularization,
+    EmbeddingOptimizer,
 )  # fmt: skip
 
 

@@ -339,3 +339,42 @@ def test_csv_block_size_does_not_change_result(shared_data: Path, tmp_path: Path
     assert small.spec == big.spec
     np.testing.assert_array_equal(small.train.sparse, big.train.sparse)
     assert small.label_report == big.label_report
+
+
+# --------------------------------------------------------------------------- train-split statistics
+def test_id_counts_count_every_index_across_chunks() -> None:
+    sparse = np.array([[0, 2], [1, 2], [1, 0], [3, 2], [1, 1]], dtype=np.int64)  # (5, 2)
+    enc = Encoded(
+        sparse=sparse, dense=np.zeros((5, 0), np.float32), labels={}, groups=None, truth={}
+    )
+    user, item = enc.id_counts([5, 3], chunk_rows=2)  # chunks of 2 rows: 3 chunks
+    np.testing.assert_array_equal(user, [1, 3, 0, 1, 0])  # index 4 never seen: 0
+    np.testing.assert_array_equal(item, [1, 1, 3])
+    assert user.dtype == np.int64 and item.dtype == np.int64
+
+
+def test_label_base_rates_in_each_tasks_own_space() -> None:
+    from training.config import TaskColumn
+    from training.data import label_base_rates
+
+    click = np.array([1, 0, 1, 0, 0, 1, 0, 0], np.float32)
+    buy = np.array([1, 0, 0, 0, 0, 1, 0, 0], np.float32)
+    seconds = np.array([9, 0, 3, 0, 0, 20, 0, 0], np.float32)
+    enc = Encoded(
+        sparse=np.zeros((8, 1), np.int64),
+        dense=np.zeros((8, 0), np.float32),
+        labels={"ctr": click, "cvr": buy, "stay": seconds, "raw": seconds},
+        groups=None,
+        truth={},
+    )
+    tasks = [
+        TaskColumn(name="ctr", label="click"),
+        TaskColumn(name="cvr", label="buy", depends_on="ctr"),
+        TaskColumn(name="stay", label="s", kind="regression", transform="log1p"),
+        TaskColumn(name="raw", label="s", kind="regression"),
+    ]
+    rates = label_base_rates(enc, tasks, chunk_rows=3)
+    assert rates["ctr"] == pytest.approx(3 / 8, abs=1e-12)
+    assert rates["cvr"] == pytest.approx(2 / 3, abs=1e-12)  # over the 3 clicked rows, not 2 / 8
+    assert rates["stay"] == pytest.approx(np.log1p([9, 3, 20]).sum() / 8, abs=1e-9)  # after log1p
+    assert rates["raw"] == pytest.approx(32 / 8, abs=1e-9)

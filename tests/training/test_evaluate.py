@@ -16,7 +16,7 @@ from training import train as tr
 from training.checkpoint import load_checkpoint
 from training.config import DatasetSpec, ModelConfig, SparseColumn, TaskColumn, TrainConfig
 from training.data import Encoded
-from training.metrics import auc, gauc, logloss, rmse
+from training.metrics import auc, calibration, gauc, logloss, rmse
 from training.models import build_model
 from training.models.base import MultiTaskModel
 from training.reports import write_report
@@ -90,7 +90,10 @@ def test_funnel_metrics_product_when_the_model_has_no_joint_output() -> None:
     clicked = d.labels["ctr"] == 1
     assert f["parent"] == "ctr"
     assert f["auc_clicked"] == pytest.approx(auc(d.labels["cvr"][clicked], p["cvr"][clicked]))
-    assert f["auc_entire_space"] == pytest.approx(auc(d.truth["cf_purchase"], p["cvr"]))
+    truth = np.asarray(d.truth["cf_purchase"], dtype=np.float64)
+    assert f["auc_entire_space"] == pytest.approx(auc(truth, p["cvr"]))
+    assert f["ece_entire_space"] == pytest.approx(calibration(truth, p["cvr"])["ece"])
+    assert f["bias_entire_space"] == pytest.approx(p["cvr"].mean() - truth.mean())
     assert f["ctcvr_source"] == "ctr x cvr"
     assert f["ctcvr_auc"] == pytest.approx(
         auc(d.labels["ctr"] * d.labels["cvr"], p["ctr"] * p["cvr"])

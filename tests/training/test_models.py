@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import io
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -83,7 +86,9 @@ def test_forward_and_predict_shapes(model_type: str) -> None:
     model = build(model_type)
     sparse, dense = inputs(7)
     raw = model(sparse, dense)
-    assert list(raw) == ["ctr", "cvr", "cart", "stay"]
+    # one raw output per task, in task order; a model may add internal ones after them (DR's
+    # imputation tower)
+    assert list(raw)[:4] == ["ctr", "cvr", "cart", "stay"]
     assert all(v.shape == (7,) for v in raw.values())
     pred = model.predict(sparse, dense)
     assert list(pred) == model.output_names
@@ -91,7 +96,8 @@ def test_forward_and_predict_shapes(model_type: str) -> None:
         assert v.shape == (7,) and torch.isfinite(v).all()
         if name != "stay":
             assert ((v >= 0) & (v <= 1)).all(), name
-    joint = ["ctcvr"] if model_type in ("esmm", "base") else []
+    joint = list(model.joint_outputs)
+    assert joint in ([], ["ctcvr"]) and (model_type not in ("esmm", "base") or joint)
     assert model.output_names == ["ctr", "cvr", "cart", "stay", *joint]
     labels = {"ctr": torch.ones(7), "cvr": torch.zeros(7), "cart": torch.ones(7)}
     losses = model.compute_losses(raw, {**labels, "stay": torch.randn(7)})
@@ -326,3 +332,23 @@ def test_experts_shared_input_path_equals_the_per_expert_path() -> None:
     h = torch.relu(x @ experts.weights[0][2] + experts.biases[0][2])
     h = torch.relu(h @ experts.weights[1][2] + experts.biases[1][2])
     torch.testing.assert_close(shared[:, 2], h, rtol=1e-6, atol=1e-6)
+
+
+def test_model_types_are_declared_once_and_checked_when_a_config_loads(tmp_path: Path) -> None:
+    from training.config import MODEL_TYPES, load_train_config
+
+    assert list(MODELS) == list(MODEL_TYPES)  # every entry resolves to a MultiTaskModel
+    path = tmp_path / "bad.yaml"
+    path.write_text(
+        "dataset: {name: t, train: x.csv, sparse: [{name: user}], tasks: [{name: ctr, label: y}]}\n"
+        "model: {type: mmoe_v2}\n"
+    )
+    with pytest.raises(ConfigError, match=r"unknown model type 'mmoe_v2'; known types: .*escm2_dr"):
+        load_train_config(path)
+    # the check needs neither torch nor training.models: a fresh interpreter proves it
+    code = (
+        "import sys; from training.config import ModelConfig; "
+        "ModelConfig.model_validate({'type': 'aitm'}); "
+        "assert 'torch' not in sys.modules and 'training.models' not in sys.modules"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[2])

@@ -102,6 +102,40 @@ def test_sample_selection_bias_is_real(imps: dict[str, np.ndarray]) -> None:
     assert np.corrcoef(imps["quality"], imps["true_cvr"])[0, 1] > 0.2
 
 
+def test_selection_bias_knob_widens_the_gap_between_clicked_and_entire_space_cvr(
+    tmp_path: Path,
+) -> None:
+    """Stronger clickbait: clicked impressions convert ever less than the impression space."""
+    gaps, label_gaps = [], []
+    for strength in (0.0, 1.0, 2.0):
+        meta = generate_ecommerce(tmp_path / str(strength), 20_000, seed=3, selection_bias=strength)
+        r = meta["rates"]
+        assert meta["selection_bias"] == strength
+        gaps.append(r["mean_true_cvr_all"] - r["mean_true_cvr_clicked"])  # truth
+        label_gaps.append(r["cf_purchase"] - r["cvr_after_click"])  # what labels show
+    assert gaps[0] < gaps[1] < gaps[2], gaps
+    assert label_gaps[0] < label_gaps[1] < label_gaps[2], label_gaps
+    assert gaps[2] - gaps[0] > 0.05  # a large effect, not noise
+    # the world is the same one: the strength changes the funnel, not the users or items
+    for table in ("users.parquet", "items.parquet"):
+        assert pq.read_table(tmp_path / "0.0" / table).equals(
+            pq.read_table(tmp_path / "2.0" / table)
+        )
+
+
+def test_selection_bias_default_is_the_original_world_and_the_cli_flag_sets_it(
+    tmp_path: Path,
+) -> None:
+    default = generate_ecommerce(tmp_path / "d", 2000, seed=5)
+    explicit = generate_ecommerce(tmp_path / "e", 2000, seed=5, selection_bias=1.0)
+    assert default["selection_bias"] == 1.0 and default["rates"] == explicit["rates"]
+    argv = ["ecommerce", "--out", str(tmp_path / "c"), "--impressions", "2000", "--seed", "5"]
+    assert main([*argv, "--selection-bias", "2.5"]) == 0
+    assert json.loads((tmp_path / "c" / "meta.json").read_text())["selection_bias"] == 2.5
+    with pytest.raises(ValueError, match="selection_bias"):
+        generate_ecommerce(tmp_path / "n", 2000, seed=5, selection_bias=-1.0)
+
+
 def test_attribute_tables_match_impressions(
     ecommerce_dir: Path, imps: dict[str, np.ndarray]
 ) -> None:

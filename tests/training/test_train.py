@@ -187,6 +187,118 @@ def test_uncertainty_weights_are_learned_logged_and_saved(tmp_path: Path) -> Non
     assert not torch.equal(ckpt["weighting_state"]["log_vars"], torch.zeros(3))
 
 
+# ---------------------------------------------------------------- from step one
+def test_output_bias_starts_at_train_base_rates_and_is_checkpointed(tmp_path: Path) -> None:
+    data = tiny_data(1000)
+    train_split = data.train
+    click = np.asarray(train_split.labels["ctr"], dtype=np.float64)
+    buy = np.asarray(train_split.labels["cvr"], dtype=np.float64)
+    stay = np.asarray(train_split.labels["stay"], dtype=np.float64)
+    want = {"ctr": click.mean(), "cvr": buy[click == 1].mean(), "stay": stay.mean()}
+    # lr 1e-12: the single step cannot move the biases, so the model is as initialised
+    result = train(config(epochs=1, max_steps=1, lr=1e-12), tmp_path, data)
+    _, _, _, ckpt = load_checkpoint(result.best_checkpoint)
+    assert ckpt["base_rates"] == pytest.approx(want, abs=1e-9)
+    layers = result.model.output_layers()
+    for task in ("ctr", "cvr"):
+        log_odds = float(np.log(want[task] / (1 - want[task])))
+        assert abs(ckpt["output_bias"][task] - log_odds) < 1e-6
+        assert abs(layers[task].bias.item() - log_odds) < 1e-6
+    assert abs(layers["stay"].bias.item() - want["stay"]) < 1e-6
+
+
+def test_without_bias_init_outputs_start_where_torch_put_them(tmp_path: Path) -> None:
+    result = train(
+        config(epochs=1, max_steps=1, lr=1e-12, init_output_bias=False), tmp_path, tiny_data(600)
+    )
+    _, _, _, ckpt = load_checkpoint(result.best_checkpoint)
+    assert ckpt["output_bias"] == {}
+    assert abs(result.model.output_layers()["ctr"].bias.item()) < 1 / np.sqrt(8)  # default init
+
+
+def test_validation_every_k_steps_records_each_point(tmp_path: Path) -> None:
+    # 2100 train rows / 128 = 17 steps an epoch: points at 5 10 15 17 | 20 25 30 34
+    cfg = config(epochs=2, validation={"every_steps": 5}, early_stopping={"patience": 100})
+    result = train(cfg, tmp_path, tiny_data())
+    history = json.loads(result.history.read_text())
+    assert [h["step"] for h in history] == [5, 10, 15, 17, 20, 25, 30, 34]
+    assert [h["epoch"] for h in history] == [1, 1, 1, 1, 2, 2, 2, 2]
+    assert [h["epoch_end"] for h in history] == [False, False, False, True] * 2
+    assert result.validations == 8 and result.epochs_run == 2
+    assert all("ctr_auc" in h["valid"] for h in history)
+
+
+def test_the_best_validation_point_is_saved_and_restored(tmp_path: Path) -> None:
+    # lr 0.3 learns fast and then overfits: the best point is not the last one
+    cfg = config(
+        epochs=3,
+        lr=0.3,
+        validation={"every_steps": 4},
+        early_stopping={"metric": "ctr_auc", "patience": 100},
+    )
+    data = tiny_data(1500)
+    result = train(cfg, tmp_path, data)
+    history = json.loads(result.history.read_text())
+    aucs = [h["valid"]["ctr_auc"] for h in history]
+    best = int(np.argmax(aucs))
+    assert best != len(history) - 1, "precondition: the last point is not the best"
+    assert (
+        result.best_step
+        == history[best]["step"]
+        == torch.load(result.best_checkpoint, weights_only=True)["step"]
+    )
+    assert result.metrics["ctr_auc"] == aucs[best]
+    # the returned model is the best point's, not the last step's
+    from training.evaluate import evaluate
+
+    again = evaluate(result.model, data.valid, cfg.dataset.tasks)["metrics"]  # type: ignore[arg-type]
+    assert again["ctr_auc"] == pytest.approx(aucs[best], abs=1e-12)
+    assert again["ctr_auc"] != pytest.approx(aucs[-1], abs=1e-6)
+
+
+def test_early_stopping_counts_validation_points(tmp_path: Path) -> None:
+    # lr 1e-12: every point scores the same AUC; patience 2 stops at the third point (step 15)
+    cfg = config(
+        epochs=5,
+        lr=1e-12,
+        validation={"every_steps": 5},
+        early_stopping={"metric": "ctr_auc", "patience": 2},
+    )
+    result = train(cfg, tmp_path, tiny_data())
+    assert result.stopped_early
+    assert (result.validations, result.best_step, result.epochs_run) == (3, 5, 1)
+
+
+def test_history_records_the_scheduled_learning_rate(tmp_path: Path) -> None:
+    # 1 epoch of 17 steps, warm-up 4 then cosine to 0.5 x lr at step 16
+    cfg = config(
+        epochs=1,
+        lr=0.01,
+        validation={"every_steps": 2},
+        early_stopping={"patience": 100},
+        lr_schedule={"warmup_steps": 4, "decay": "cosine", "min_lr_ratio": 0.5},
+    )
+    history = json.loads(train(cfg, tmp_path, tiny_data()).history.read_text())
+    lr = {h["step"]: h["lr"] for h in history}  # the rate of the point's last step (step - 1)
+    assert lr[2] == pytest.approx(0.01 * 2 / 4)
+    assert lr[4] == pytest.approx(0.01)
+    assert lr[10] == pytest.approx(0.01 * (0.5 + 0.25 * (1 + np.cos(np.pi * 5 / 12))))
+    assert lr[17] == pytest.approx(0.005)
+
+
+def test_frequency_penalty_and_sparse_optimizer_train(tmp_path: Path) -> None:
+    cfg = config(
+        epochs=2,
+        embedding_regularization={"type": "frequency", "weight": 0.1},
+        embedding_optimizer={"type": "adagrad", "lr": 0.05},
+    )
+    result = train(cfg, tmp_path, tiny_data())
+    history = json.loads(result.history.read_text())
+    assert all(h["embedding_penalty"] > 0 for h in history)
+    assert result.model.bottom.inputs.table.sparse  # type: ignore[union-attr]
+    assert result.metrics["ctr_auc"] > 0.75
+
+
 def test_parse_overrides_types_values() -> None:
     got = parse_overrides(["lr=3e-4", "model.type=ple", "model.bottom_units=[8, 4]"])
     assert got == {"lr": 3e-4, "model.type": "ple", "model.bottom_units": [8, 4]}
@@ -195,7 +307,20 @@ def test_parse_overrides_types_values() -> None:
 
 
 # ---------------------------------------------------------------- DDP on gloo, 2 processes
-def _ddp_worker(rank: int, port: int, root: str) -> None:
+DDP_CONFIGS: dict[str, dict[str, object]] = {
+    "uncertainty": {"weighting": WeightingConfig(type="uncertainty")},
+    # sparse gradients through DDP (gloo), the penalty on each rank's batch, mid-epoch points
+    "sparse_penalty_points": {
+        "weighting": WeightingConfig(type="uncertainty"),
+        "embedding_optimizer": {"type": "sparse_adam", "lr": 0.02},
+        "embedding_regularization": {"type": "frequency", "weight": 0.1},
+        "validation": {"every_steps": 3},
+        "lr_schedule": {"warmup_steps": 3, "decay": "cosine"},
+    },
+}
+
+
+def _ddp_worker(rank: int, port: int, root: str, variant: str) -> None:
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
@@ -204,7 +329,7 @@ def _ddp_worker(rank: int, port: int, root: str) -> None:
         WORLD_SIZE="2",
     )
     torch.set_num_threads(1)
-    cfg = config(epochs=2, weighting=WeightingConfig(type="uncertainty"))
+    cfg = config(epochs=2, **DDP_CONFIGS[variant])
     result = train(cfg, Path(root) / f"rank{rank}", tiny_data(2000))
     state = {f"model.{k}": v for k, v in result.model.state_dict().items()}
     state.update({f"weighting.{k}": v for k, v in result.weighting.state_dict().items()})
@@ -218,8 +343,9 @@ def _free_port() -> int:
         return port
 
 
-def test_ddp_on_gloo_keeps_ranks_identical(tmp_path: Path) -> None:
-    spawn(_ddp_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)  # type: ignore[no-untyped-call]
+@pytest.mark.parametrize("variant", sorted(DDP_CONFIGS))
+def test_ddp_on_gloo_keeps_ranks_identical(tmp_path: Path, variant: str) -> None:
+    spawn(_ddp_worker, args=(_free_port(), str(tmp_path), variant), nprocs=2, join=True)  # type: ignore[no-untyped-call]
     r0 = torch.load(tmp_path / "final0.pt", weights_only=True)
     r1 = torch.load(tmp_path / "final1.pt", weights_only=True)
     assert r0["state"].keys() == r1["state"].keys()

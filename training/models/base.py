@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping, Sequence
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -120,6 +121,50 @@ class MultiTaskModel(nn.Module, ABC):
     def shared_parameters(self) -> list[nn.Parameter]:
         return list(self.bottom.shared_parameters())
 
+    # ------------------------------------------------------------------ initial outputs
+    def output_layers(self) -> dict[str, nn.Linear]:
+        """The last linear unit of each task's raw output, by task name.
+
+        ``init_output_bias`` sets their biases. A model whose task outputs do not come from
+        ``self.towers`` overrides this (and ``output_biases`` if its outputs mean something
+        other than the base model's).
+        """
+        towers = cast(list[Tower], list(self.towers))
+        return {n: tower.out for n, tower in zip(self.task_names, towers, strict=True)}
+
+    def output_biases(self, base_rates: Mapping[str, float]) -> dict[str, float]:
+        """The bias at which each untrained output predicts its task's base rate.
+
+        ``base_rates`` are the data's rates in the tasks' own meaning (data.label_base_rates):
+        binary P(task) or, for a conditional task, P(task | parent); regression the mean target
+        in its fitted space. Binary: log-odds(p) + log(label_weight), the weighted optimum that
+        ``calibrated`` shifts back to p. Regression: the mean itself. Models whose raw outputs
+        mean something else (an unconditional chain step, a funnel product) override this.
+        """
+        out: dict[str, float] = {}
+        for name in self.task_names:
+            rate = base_rates[name]
+            if self.task_kinds[name] == "binary":
+                out[name] = logit(rate) + math.log(self.label_weights[name])
+            else:
+                out[name] = rate
+        return out
+
+    @torch.no_grad()
+    def init_output_bias(self, base_rates: Mapping[str, float]) -> dict[str, float]:
+        """Set every output layer's bias from the base rates; return the biases set.
+
+        A tower starting at p = 0.5 spends its first updates pushing every output down, and a
+        conditional task does so only on parent-positive rows, which teaches the shared layers
+        to score likely clicks low (docs/benchmarks.md, "Training from step one").
+        """
+        biases = self.output_biases(base_rates)
+        for name, layer in self.output_layers().items():
+            if layer.bias is None:
+                raise ValueError(f"output layer of {name!r} has no bias to initialise")
+            layer.bias.fill_(biases[name])
+        return biases
+
     # ------------------------------------------------------------------ compute
     def forward(self, sparse: Tensor, dense: Tensor) -> dict[str, Tensor]:
         reps = self.bottom(sparse, dense)  # T x (B, d)
@@ -174,13 +219,23 @@ class MultiTaskModel(nn.Module, ABC):
                 shift = math.log(self.label_weights[name])
                 y = torch.sigmoid(y - shift) if shift != 0.0 else torch.sigmoid(y)  # (B,)
             elif name in self.log_targets:
-                y = (torch.exp(y) - 1.0).clamp(min=0.0)  # (B,) back to the label units; ONNX has no expm1
+                # (B,) back to the label units; ONNX has no expm1
+                y = (torch.exp(y) - 1.0).clamp(min=0.0)
             out[name] = y
         return out
 
     def predict(self, sparse: Tensor, dense: Tensor) -> dict[str, Tensor]:
         """The exported outputs: calibrated probabilities (binary) and values (regression)."""
         return self.calibrated(self(sparse, dense))
+
+
+RATE_EPS = 1e-6  # base rates are clipped to [eps, 1 - eps]: a task without positives stays finite
+
+
+def logit(p: float) -> float:
+    """log(p / (1 - p)) with p clipped to [RATE_EPS, 1 - RATE_EPS]."""
+    p = min(max(p, RATE_EPS), 1.0 - RATE_EPS)
+    return math.log(p / (1.0 - p))
 
 
 def task_loss(

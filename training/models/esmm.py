@@ -31,6 +31,7 @@ as long as the weighted ctcvr stays below the weighted ctr (w_c not much larger 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -40,9 +41,11 @@ from torch import Tensor
 from mtrank.spec import FeatureSpec
 from training.config import ConfigError, ModelConfig, TaskColumn, TaskWeights
 from training.models.base import (
+    RATE_EPS,
     Bottom,
     MultiTaskModel,
     funnel_pairs,
+    logit,
     probability_bce,
 )
 from training.models.mmoe import MMoEBottom
@@ -112,6 +115,16 @@ class ESMMModel(_FunnelModel):
         p = torch.exp(log_p).clamp(max=1.0 - 1e-7)  # (B,)
         losses[self.child] = probability_bce(log_p, torch.log1p(-p), y, lw.get(self.child, 1.0))
         return {n: losses[n] for n in self.task_names}
+
+    def output_biases(self, base_rates: Mapping[str, float]) -> dict[str, float]:
+        """The child's sigmoid multiplies the parent's: start the product at the (label-weighted)
+        CTCVR optimum, whose odds are w_c x odds(P(parent) x P(child | parent))."""
+        out = super().output_biases(base_rates)
+        joint = base_rates[self.parent] * base_rates[self.child]
+        odds = self.label_weights[self.child] * joint / max(1.0 - joint, RATE_EPS)
+        ctr = 1.0 / (1.0 + math.exp(-out[self.parent]))  # the parent tower's starting output
+        out[self.child] = logit(odds / (1.0 + odds) / ctr)
+        return out
 
     def loss_rows(self, name: str, labels: Mapping[str, Tensor]) -> float:
         if name == self.child:  # the CTCVR loss covers every impression

@@ -49,11 +49,15 @@ class InputLayer(nn.Module):
         if self.out_dim == 0:
             raise ValueError("the feature spec has no sparse and no dense fields")
 
-    def forward(self, sparse: Tensor, dense: Tensor) -> Tensor:
-        B = sparse.shape[0]
+    def rows(self, sparse: Tensor) -> Tensor:
+        """(B, S) per-field ids -> (B, S) rows of ``table``; out-of-range ids -> the field's OOV."""
         in_range = (sparse >= 0) & (sparse < self.sizes)  # (B, S)
         idx = torch.where(in_range, sparse, torch.full_like(sparse, OOV_INDEX))  # (B, S)
-        emb = self.table(idx + self.offsets)  # (B, S, E)
+        return idx + self.offsets  # (B, S)
+
+    def forward(self, sparse: Tensor, dense: Tensor) -> Tensor:
+        B = sparse.shape[0]
+        emb = self.table(self.rows(sparse))  # (B, S, E)
         emb = emb.reshape(B, self.n_sparse * self.embed_dim)  # (B, S*E)
         return torch.cat([emb, dense], dim=1)  # (B, S*E + D)
 

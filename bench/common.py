@@ -83,8 +83,8 @@ def quiet() -> Iterator[None]:
 def fit_and_test(cfg: Any, out_dir: Path, cache_dir: Path) -> dict[str, Any]:
     """Train ``cfg`` (a TrainConfig), reload its best checkpoint, evaluate it on the test split.
 
-    Returns the flat test metrics, the per-epoch history (train losses, validation metrics),
-    the best epoch and the wall time of training alone.
+    Returns the flat test metrics, the history of validation points (epoch, step, train losses,
+    validation metrics), the best epoch and step and the wall time of training alone.
     """
     from training.checkpoint import load_checkpoint
     from training.data import prepare
@@ -104,13 +104,19 @@ def fit_and_test(cfg: Any, out_dir: Path, cache_dir: Path) -> dict[str, Any]:
     return {
         "test": report["metrics"],
         "best_epoch": result.best_epoch,
+        "best_step": result.best_step,
         "epochs_run": result.epochs_run,
         "train_seconds": train_seconds,
         "train_rows": len(data.train),
         "history": [
-            {"epoch": h["epoch"], "train_loss": h["train_loss"], "valid": h["valid"]}
+            {
+                "epoch": h["epoch"],
+                "step": h["step"],
+                "train_loss": h["train_loss"],
+                "valid": h["valid"],
+            }
             for h in history
-        ],
+        ],  # fmt: skip
     }
 
 

@@ -1,25 +1,29 @@
-"""ESMM vs BASE on the synthetic e-commerce funnel, like Table 2 of Ma et al., SIGIR 2018 (ESMM).
+"""CVR without selection bias on the synthetic e-commerce funnel: ESMM (Ma et al., SIGIR 2018),
+ESCM² (Wang et al., SIGIR 2022) and IPS / DR-JL (Wang et al., ICML 2019) against BASE.
 
 The generator (training.synthetic.generate_ecommerce) knows, for every impression, whether the
 user would have bought had they clicked (``cf_purchase``), so the CVR model can be scored where it
 is served: on the ENTIRE impression space, not only on clicked impressions. Clicks favour
-clickbait and promoted items while purchases favour quality, so the clicked sample is biased,
-which is the sample-selection bias ESMM addresses.
+clickbait and promoted items while purchases favour quality, so the clicked sample is biased;
+``--selection-bias`` scales how strongly (1 is the default world).
 
-Models (tasks ctr and cvr only, as in the paper; same embeddings, bottom and towers):
+Models (tasks ctr and cvr only, as in the papers; same embeddings, shared bottom and towers):
 
 - BASE: CTR on all impressions, CVR on clicked impressions only.
 - ESMM: pCTCVR = pCTR x pCVR supervised on all impressions; pCVR never directly.
-- ESMM on an MMoE bottom (``esmm_bottom: mmoe``).
+- ESCM²-IPS / ESCM²-DR: ESMM plus the inverse-propensity (doubly robust) counterfactual CVR risk.
+- IPS / DR-JL: BASE with the clicked-only CVR loss replaced by the IPS (doubly robust) risk.
 
-Metrics on the test split (the last 10% of impressions by time): CVR AUC on the entire space
-(against cf_purchase), CVR AUC on clicked impressions, CTCVR AUC (click x purchase against
-pCTR x pCVR) and CTR AUC. Each seed is a new initialisation on one data set (seed 0); models are
-early-stopped on the validation CTCVR AUC, which production could observe too (cf_purchase is
-never used for training or model selection).
+Metrics on the test split (the last 10% of impressions by time): entire-space CVR AUC (against
+cf_purchase), its calibration (ECE) and bias (mean pCVR - mean cf_purchase), CVR AUC on clicked
+impressions, CTCVR AUC and CTR AUC. Each seed is a new initialisation on one data set (seed 0);
+the validation split is scored every ``VALID_EVERY`` steps and models are early-stopped on the
+validation CTCVR AUC, which production could observe too (cf_purchase is never used for training
+or model selection).
 
     python -m bench.esmm_ecommerce [--seeds 5] [--quick] [--impressions 1000000] [--epochs 5]
-        [--drop user_id,item_id]
+        [--drop user_id,item_id] [--selection-bias 1.0]
+    python -m bench.esmm_ecommerce --sweep 0,1,2 --impressions 300000 --seeds 3   # the knob plot
 """
 
 from __future__ import annotations
@@ -51,14 +55,21 @@ DATA_SEED = 0
 VARIANTS = {  # label -> (model.type, model.esmm_bottom)
     "BASE": ("base", "shared_bottom"),
     "ESMM": ("esmm", "shared_bottom"),
-    "ESMM-MMoE": ("esmm", "mmoe"),
+    "ESCM2-IPS": ("escm2_ips", "shared_bottom"),
+    "ESCM2-DR": ("escm2_dr", "shared_bottom"),
+    "IPS": ("ips", "shared_bottom"),
+    "DR-JL": ("dr_jl", "shared_bottom"),
 }
+SWEEP_VARIANTS = ("BASE", "ESMM", "ESCM2-IPS", "ESCM2-DR", "DR-JL")
 METRICS = {  # flat metric from training/evaluate.py -> column title
     "cvr_auc_entire_space": "CVR AUC (entire space)",
+    "cvr_ece_entire_space": "CVR ECE (entire space)",
+    "cvr_bias_entire_space": "CVR bias (entire space)",
     "cvr_auc_clicked": "CVR AUC (clicked)",
     "cvr_ctcvr_auc": "CTCVR AUC",
     "ctr_auc": "CTR AUC",
 }
+VALID_EVERY = 100  # steps between validation points (about 4 per epoch at 1M impressions)
 
 
 @dataclass(frozen=True)
@@ -74,6 +85,7 @@ class Sizes:
     tower_units: int
     max_steps: int | None = None
     drop: tuple[str, ...] = ()  # sparse columns left out (an ablation)
+    selection_bias: float = 1.0  # the generator's knob (1: the default world)
 
 
 FULL = Sizes(
@@ -100,17 +112,18 @@ class Job:
         return f"seed={self.seed} {self.variant}"
 
 
-def data_dir(impressions: int) -> Path:
-    return DATA / f"ecommerce_n{impressions}_seed{DATA_SEED}"
+def data_dir(impressions: int, selection_bias: float = 1.0) -> Path:
+    knob = "" if selection_bias == 1.0 else f"_sb{selection_bias:g}"
+    return DATA / f"ecommerce_n{impressions}_seed{DATA_SEED}{knob}"
 
 
-def dataset(impressions: int, drop: tuple[str, ...] = ()) -> Any:
+def dataset(impressions: int, drop: tuple[str, ...] = (), selection_bias: float = 1.0) -> Any:
     """ecommerce.dataset.yaml with the ctr and cvr tasks only, on the generated files, less the
     sparse columns in ``drop``."""
     from training.config import load_dataset_spec
 
     ds = load_dataset_spec(CONFIGS / "ecommerce.dataset.yaml")
-    out = data_dir(impressions)
+    out = data_dir(impressions, selection_bias)
     return ds.model_copy(
         update={s: str(out / f"{s}.parquet") for s in ("train", "valid", "test")}
         | {"tasks": [t for t in ds.tasks if t.name in ("ctr", "cvr")]}
@@ -118,17 +131,19 @@ def dataset(impressions: int, drop: tuple[str, ...] = ()) -> Any:
     )
 
 
-def prepare_data(impressions: int, drop: tuple[str, ...] = ()) -> dict[str, Any]:
+def prepare_data(
+    impressions: int, drop: tuple[str, ...] = (), selection_bias: float = 1.0
+) -> dict[str, Any]:
     """Generate (once) and encode the data set; returns its meta (rates, sizes)."""
     import json
 
     from training.data import prepare
     from training.synthetic import generate_ecommerce
 
-    out = data_dir(impressions)
+    out = data_dir(impressions, selection_bias)
     if not (out / "meta.json").is_file():
-        generate_ecommerce(out, impressions, DATA_SEED)
-    prepare(dataset(impressions, drop), DATA / ".cache")
+        generate_ecommerce(out, impressions, DATA_SEED, selection_bias=selection_bias)
+    prepare(dataset(impressions, drop, selection_bias), DATA / ".cache")
     meta: dict[str, Any] = json.loads((out / "meta.json").read_text())
     return meta
 
@@ -138,7 +153,7 @@ def config(job: Job) -> Any:
     kind, bottom = VARIANTS[job.variant]
     return make_config(
         CONFIGS / "ecommerce_esmm.yaml",
-        dataset(s.impressions, s.drop),
+        dataset(s.impressions, s.drop, s.selection_bias),
         {
             "model.type": kind,
             "model.esmm_bottom": bottom,
@@ -153,7 +168,8 @@ def config(job: Job) -> Any:
             "lr": s.lr,
             "seed": job.seed,
             "max_steps": s.max_steps,
-            "early_stopping": {"metric": "cvr_ctcvr_auc", "patience": 2},
+            "early_stopping": {"metric": "cvr_ctcvr_auc", "patience": 6},
+            "validation": {"every_steps": VALID_EVERY},
             "device": "cpu",
         },
     )
@@ -168,12 +184,15 @@ def run_one(job: Job) -> dict[str, Any]:
     return {
         "seed": job.seed,
         "variant": job.variant,
+        "selection_bias": job.sizes.selection_bias,
         "test": {k: res["test"].get(k) for k in METRICS},
         "best_epoch": res["best_epoch"],
+        "best_step": res["best_step"],
         "epochs_run": res["epochs_run"],
         "train_seconds": res["train_seconds"],
         "history": [
-            {"epoch": h["epoch"], **{k: h["valid"].get(k) for k in METRICS}} for h in res["history"]
+            {"epoch": h["epoch"], "step": h["step"], **{k: h["valid"].get(k) for k in METRICS}}
+            for h in res["history"]
         ],
     }
 
@@ -215,12 +234,102 @@ def plot(runs: list[dict[str, Any]], path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def plot_curves(runs: list[dict[str, Any]], path: Path, title: str) -> None:
+    """Validation entire-space CVR AUC and CTCVR AUC per validation point (mean over seeds)."""
+    import numpy as np
+
+    plt = plt_agg()
+    keys = ("cvr_auc_entire_space", "cvr_ctcvr_auc")
+    fig, axes = plt.subplots(1, len(keys), figsize=(5.2 * len(keys), 3.8))
+    for ax, key in zip(axes, keys, strict=True):
+        for k, v in enumerate(VARIANTS):
+            curves = [[h[key] for h in r["history"]] for r in runs if r["variant"] == v]
+            if not curves:
+                continue
+            steps = [h["step"] for h in next(r for r in runs if r["variant"] == v)["history"]]
+            n = min(len(c) for c in curves)  # early stopping ends seeds at different points
+            mean = np.mean([c[:n] for c in curves], axis=0)
+            ax.plot(steps[:n], mean, color=f"C{k}", label=v, marker=".", ms=3)
+        ax.set_xlabel("training step")
+        ax.set_title(f"validation {METRICS[key]}", fontsize=10)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_sweep(runs: list[dict[str, Any]], knobs: list[float], path: Path, title: str) -> None:
+    """Entire-space CVR AUC and bias against the selection-bias knob (mean ± std over seeds)."""
+    import numpy as np
+
+    plt = plt_agg()
+    keys = ("cvr_auc_entire_space", "cvr_bias_entire_space")
+    fig, axes = plt.subplots(1, len(keys), figsize=(5.2 * len(keys), 3.8))
+    for ax, key in zip(axes, keys, strict=True):
+        for k, v in enumerate(SWEEP_VARIANTS):
+            stats = [
+                [r["test"][key] for r in runs if r["variant"] == v and r["selection_bias"] == b]
+                for b in knobs
+            ]
+            mean = [np.mean(x) for x in stats]
+            std = [np.std(x, ddof=1) if len(x) > 1 else 0.0 for x in stats]
+            ax.errorbar(knobs, mean, yerr=std, color=f"C{k}", label=v, marker="o", capsize=3)
+        ax.set_xlabel("selection bias (generator knob; 1 = default world)")
+        ax.set_title(f"test {METRICS[key]}", fontsize=10)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _table(rows: list[dict[str, Any]]) -> str:
+    headers = ["model"] + [f"{METRICS[k]} mean ± std" for k in METRICS]
+    table = [
+        [r["variant"]] + [f"{r[k]['mean']:.4f} ± {r[k]['std']:.4f}" for k in METRICS] for r in rows
+    ]
+    return format_table(headers, table)
+
+
+def sweep(args: Any, sizes: Sizes, argv: list[str], started: float) -> int:
+    """One table per knob value, every value in one run; the plot of the knob."""
+    knobs = [float(x) for x in args.sweep.split(",")]
+    name = f"{NAME}_sweep_n{sizes.impressions}"
+    json_path, png_path = output_paths(name, args)
+    metas, jobs = {}, []
+    for b in knobs:
+        at = replace(sizes, selection_bias=b)
+        print(f"{NAME}: generating/encoding {at.impressions:,} impressions, bias {b:g}", flush=True)
+        metas[b] = prepare_data(at.impressions, at.drop, b)
+        jobs += [Job(s, v, at) for s in range(args.seeds) for v in SWEEP_VARIANTS]
+    print(f"{NAME}: {len(jobs)} training runs on {args.workers} workers", flush=True)
+    runs = run_jobs(run_one, jobs, args.workers)
+    plot_sweep(runs, knobs, png_path, f"Selection bias sweep, {sizes.impressions:,} impressions")
+    tables = {}
+    for b in knobs:
+        rows = summary([r for r in runs if r["selection_bias"] == b])
+        tables[str(b)] = rows
+        print(f"\nselection bias {b:g} (data: {metas[b]['rates']})\n{_table(rows)}")
+    settings = vars(sizes) | {"knobs": knobs, "seeds": list(range(args.seeds))}
+    settings |= {"data_seed": DATA_SEED, "workers": args.workers, "data": metas}
+    write_result(
+        json_path, NAME, argv, started, {"settings": settings, "summary": tables, "runs": runs}
+    )
+    print(f"wrote {json_path} and {png_path} in {time.perf_counter() - started:.0f}s")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = argv_of(argv)
     p = base_parser(__doc__.split("\n")[0], seeds=5)
     p.add_argument("--impressions", type=int, default=None, help="default 1,000,000")
     p.add_argument("--epochs", type=int, default=None, help="default 5")
     p.add_argument("--drop", default="", help="sparse columns to leave out, e.g. user_id,item_id")
+    p.add_argument("--selection-bias", type=float, default=1.0, help="the generator's knob")
+    p.add_argument("--sweep", default="", help="knob values, e.g. 0,1,2: the sweep and its plot")
     args = p.parse_args(argv)
     started = time.perf_counter()
     sizes = QUICK if args.quick else FULL
@@ -235,29 +344,31 @@ def main(argv: list[str] | None = None) -> int:
     if args.drop:
         sizes = replace(sizes, drop=tuple(args.drop.split(",")))
         name += "_no_" + "_".join(sizes.drop)
+    if args.sweep:
+        return sweep(args, sizes, argv, started)
+    if args.selection_bias != 1.0:
+        sizes = replace(sizes, selection_bias=args.selection_bias)
+        name += f"_sb{args.selection_bias:g}"
     seeds = list(range(args.seeds))
     json_path, png_path = output_paths(name, args)
 
     print(f"{NAME}: generating/encoding {sizes.impressions:,} impressions", flush=True)
-    meta = prepare_data(
-        sizes.impressions, sizes.drop
-    )  # once, here: the workers only open the cache
+    # once, here: the workers only open the cache
+    meta = prepare_data(sizes.impressions, sizes.drop, sizes.selection_bias)
     jobs = [Job(s, v, sizes) for s in seeds for v in VARIANTS]
     print(f"{NAME}: {len(jobs)} training runs on {args.workers} workers", flush=True)
     runs = run_jobs(run_one, jobs, args.workers)
 
     rows = summary(runs)
     plot(runs, png_path, f"Synthetic e-commerce, {sizes.impressions:,} impressions")
+    curves_title = f"Validation every {VALID_EVERY} steps, {sizes.impressions:,} impressions"
+    plot_curves(runs, png_path.with_name(png_path.stem + "_curves.png"), curves_title)
     settings = vars(sizes) | {"seeds": seeds, "data_seed": DATA_SEED, "workers": args.workers}
     settings |= {"quick": args.quick, "data": meta}
     write_result(
         json_path, NAME, argv, started, {"settings": settings, "summary": rows, "runs": runs}
     )
-    headers = ["model"] + [f"{METRICS[k]} mean ± std" for k in METRICS]
-    table = [
-        [r["variant"]] + [f"{r[k]['mean']:.4f} ± {r[k]['std']:.4f}" for k in METRICS] for r in rows
-    ]
-    print(format_table(headers, table))
+    print(_table(rows))
     print(f"wrote {json_path} and {png_path} in {time.perf_counter() - started:.0f}s")
     return 0
 

@@ -134,11 +134,7 @@ class AITMModel(MultiTaskModel):
         label_weights: Mapping[str, float] | None = None,
     ) -> dict[str, Tensor]:
         lw = self.label_weights if label_weights is None else label_weights
-        losses = {
-            n: self.task_loss_of(n, outputs, labels, lw)
-            for n in self.task_names
-            if n not in self.chain
-        }
+        losses = self.task_losses(outputs, labels, lw, skip=self.chain)
         for n in self.chain:  # unconditional: every impression, the label as it is
             losses[n] = task_loss(outputs[n], labels[n], "binary", lw.get(n, 1.0))
         if self.calibrator_weight > 0.0:

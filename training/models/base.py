@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from typing import cast
 
 import torch
@@ -185,8 +185,19 @@ class MultiTaskModel(nn.Module, ABC):
         ``label_weights`` defaults to the weights the model was built with; passing others makes
         ``predict``'s calibration wrong, so do that only to inspect a loss.
         """
+        return self.task_losses(outputs, labels, label_weights)
+
+    def task_losses(
+        self,
+        outputs: Mapping[str, Tensor],
+        labels: Mapping[str, Tensor],
+        label_weights: Mapping[str, float] | None = None,
+        skip: Collection[str] = (),
+    ) -> dict[str, Tensor]:
+        """The ordinary loss of every task not in ``skip`` (a model with its own loss for some
+        tasks computes those itself and takes the rest from here)."""
         lw = self.label_weights if label_weights is None else label_weights
-        return {name: self.task_loss_of(name, outputs, labels, lw) for name in self.task_names}
+        return {n: self.task_loss_of(n, outputs, labels, lw) for n in self.task_names if n not in skip}
 
     def task_loss_of(
         self,

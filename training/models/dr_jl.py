@@ -33,10 +33,7 @@ class _DebiasedBASE(DebiasedFunnel, BASEModel):
         labels: Mapping[str, Tensor],
         label_weights: Mapping[str, float] | None = None,
     ) -> dict[str, Tensor]:
-        lw = self.label_weights if label_weights is None else label_weights
-        losses = {
-            n: self.task_loss_of(n, outputs, labels, lw) for n in self.task_names if n != self.child
-        }
+        losses = self.task_losses(outputs, labels, label_weights, skip=(self.child,))
         losses[self.child] = self.counterfactual_risk(outputs, labels)
         return {n: losses[n] for n in self.task_names}
 

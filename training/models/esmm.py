@@ -106,9 +106,7 @@ class ESMMModel(_FunnelModel):
         label_weights: Mapping[str, float] | None = None,
     ) -> dict[str, Tensor]:
         lw = self.label_weights if label_weights is None else label_weights
-        losses = {
-            n: self.task_loss_of(n, outputs, labels, lw) for n in self.task_names if n != self.child
-        }
+        losses = self.task_losses(outputs, labels, lw, skip=(self.child,))
         a, b = outputs[self.parent], outputs[self.child]  # (B,), (B,) logits
         y = labels[self.parent] * labels[self.child]  # (B,) click x conversion
         log_p = F.logsigmoid(a) + F.logsigmoid(b)  # (B,) log pCTCVR

@@ -1,21 +1,31 @@
-"""The synthetic study of Ma et al., KDD 2018 (MMoE), section 3: Shared-Bottom vs OMoE vs MMoE
-on two regression tasks whose relatedness is set by the cosine similarity rho of their weight
-vectors (training/synthetic.py ``generate_mmoe``), at rho = 1.0, 0.9 and 0.5.
+"""The synthetic study of Ma et al., KDD 2018 (MMoE), sections 3.2 and 5.2: Shared-Bottom vs OMoE
+vs MMoE on two regression tasks whose relatedness is set by the cosine similarity rho of their
+weight vectors (training/synthetic.py ``generate_mmoe``), at rho = 1.0, 0.9, 0.5 and 0.0.
 
-Each seed draws new data (new weight vectors, sines and samples) and a new initialisation, as the
-paper's repeated runs do. We report the training-loss curves (mean and min-max band over seeds,
-like the paper's Figure 4) and the final test loss: the mean of the two tasks' MSE of the
-checkpoint with the best validation loss.
+Each seed is one data set (weight directions, sine terms, samples: data seed = run seed) that the
+three models all train on, from the same initialisation seed, so they can be compared seed by
+seed: how hard a seed's draw makes the tasks cancels out of the paired differences. For one seed
+only w2 changes with rho (the generator draws u1, u2, the sines and x from the seed alone).
 
-    python -m bench.mmoe_synthetic [--seeds 5] [--quick]
+Every run is scored on the validation split every ``validate_every`` steps and stops after
+``patience`` such points without a lower validation loss; ``max_epochs`` is only a budget, meant
+to be out of reach (the share of runs that early stopping ended is reported). The test loss, the
+mean of the two tasks' MSE (noise floor 0.01), is that of the best-validation checkpoint.
+Reported: the training-loss curves against steps (the paper's Figure 4), the test loss per
+correlation and model, and the paired differences MMoE - OMoE and MMoE - Shared-Bottom per seed.
+
+    python -m bench.mmoe_synthetic [--seeds 10] [--quick]
 """
 
 from __future__ import annotations
 
+import json
+import math
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,8 +45,9 @@ from bench.common import (
 )
 
 NAME = "mmoe_synthetic"
-CORRELATIONS = (1.0, 0.9, 0.5)
+CORRELATIONS = (1.0, 0.9, 0.5, 0.0)
 MODELS = ("shared_bottom", "omoe", "mmoe")
+BASELINES = ("omoe", "shared_bottom")  # MMoE's paired comparisons, in this order
 LABELS = {"shared_bottom": "Shared-Bottom", "omoe": "OMoE", "mmoe": "MMoE"}
 COLOURS = {"shared_bottom": "tab:blue", "omoe": "tab:orange", "mmoe": "tab:green"}
 
@@ -44,9 +55,11 @@ COLOURS = {"shared_bottom": "tab:blue", "omoe": "tab:orange", "mmoe": "tab:green
 @dataclass(frozen=True)
 class Sizes:
     samples: int  # generated rows; 80% train, 10% valid, 10% test
-    epochs: int
     batch_size: int
-    lr: float
+    lr: float  # Adam, constant
+    validate_every: int  # steps between validation points: the curves' resolution
+    patience: int  # validation points without a lower validation loss before stopping
+    max_epochs: int  # a budget early stopping should reach first
     n_experts: int
     expert_units: int  # one hidden layer per expert, as in the paper
     bottom_units: int  # Shared-Bottom: one layer as wide as all experts together
@@ -55,15 +68,17 @@ class Sizes:
 
 FULL = Sizes(
     samples=20_000,
-    epochs=20,
-    batch_size=128,
-    lr=2e-3,
+    batch_size=250,  # 64 steps per epoch: epoch ends fall on validation points
+    lr=3e-3,
+    validate_every=32,
+    patience=12,  # 6 epochs
+    max_epochs=400,
     n_experts=8,
     expert_units=16,
     bottom_units=128,
     tower_units=8,
 )
-QUICK = Sizes(2_000, 2, 128, 2e-3, 4, 8, 32, 4)
+QUICK = Sizes(2_000, 100, 3e-3, 8, 3, 8, 4, 8, 32, 4)
 
 
 @dataclass(frozen=True)
@@ -74,15 +89,15 @@ class Job:
     sizes: Sizes
 
     def __str__(self) -> str:
-        return f"rho={self.correlation} seed={self.seed} {self.model}"
+        return f"rho={self.correlation:g} seed={self.seed} {self.model}"
 
 
 def data_dir(correlation: float, seed: int, samples: int) -> Path:
     return DATA / "mmoe" / f"rho{correlation:g}_seed{seed}_n{samples}"
 
 
-def make_data(key: tuple[float, int, int]) -> str:
-    """Generate (once) and encode one data set; runs in a worker."""
+def make_data(key: tuple[float, int, int]) -> float:
+    """Generate (once) and encode one data set; returns its measured label correlation."""
     from training.data import prepare
     from training.synthetic import generate_mmoe
 
@@ -91,7 +106,7 @@ def make_data(key: tuple[float, int, int]) -> str:
     if not (out / "meta.json").is_file():
         generate_mmoe(out, correlation, samples, seed)
     prepare(dataset(out), DATA / ".cache")
-    return str(out)
+    return float(json.loads((out / "meta.json").read_text())["label_correlation"])
 
 
 def dataset(directory: Path) -> Any:
@@ -101,6 +116,12 @@ def dataset(directory: Path) -> Any:
     return ds.model_copy(
         update={s: str(directory / f"{s}.parquet") for s in ("train", "valid", "test")}
     )
+
+
+def ended_by_early_stopping(steps: Sequence[int], best_step: int, patience: int) -> bool:
+    """The trainer stops once ``patience`` validation points in a row fail to beat the best one,
+    so a run was stopped early exactly when that many points follow its best point."""
+    return sum(s > best_step for s in steps) >= patience
 
 
 def run_one(job: Job) -> dict[str, Any]:
@@ -116,12 +137,12 @@ def run_one(job: Job) -> dict[str, Any]:
             "model.expert_units": [s.expert_units],
             "model.bottom_units": [s.bottom_units],
             "model.tower_units": [s.tower_units],
-            "epochs": s.epochs,
+            "epochs": s.max_epochs,
             "batch_size": s.batch_size,
             "lr": s.lr,
             "seed": job.seed,
-            # the curves must cover every epoch: patience as long as the run
-            "early_stopping": {"metric": "valid_loss", "patience": s.epochs},
+            "validation": {"every_steps": s.validate_every},
+            "early_stopping": {"metric": "valid_loss", "patience": s.patience},
             "device": "cpu",
         },
     )
@@ -130,72 +151,177 @@ def run_one(job: Job) -> dict[str, Any]:
         res = fit_and_test(cfg, out, DATA / ".cache")
     finally:
         shutil.rmtree(out, ignore_errors=True)
-    test = res["test"]
+    test, history = res["test"], res["history"]
+    steps = [h["step"] for h in history]
+    train_curve = [sum(h["train_loss"].values()) / 2.0 for h in history]  # mean of the 2 MSEs
     return {
         "correlation": job.correlation,
         "seed": job.seed,
         "model": job.model,
         "test_loss": (test["y1_rmse"] ** 2 + test["y2_rmse"] ** 2) / 2.0,
         "test_rmse": {"y1": test["y1_rmse"], "y2": test["y2_rmse"]},
-        "train_curve": [sum(h["train_loss"].values()) / 2.0 for h in res["history"]],
+        "steps": steps,
+        "train_curve": train_curve,
+        "valid_curve": [h["valid"]["valid_loss"] / 2.0 for h in history],
+        "best_step": res["best_step"],
         "best_epoch": res["best_epoch"],
+        "train_loss_at_best": train_curve[steps.index(res["best_step"])],
+        "steps_run": steps[-1],
+        "epochs_run": res["epochs_run"],
+        "stopped_early": ended_by_early_stopping(steps, res["best_step"], s.patience),
         "train_seconds": res["train_seconds"],
     }
 
 
+# ------------------------------------------------------------------ statistics
+def _cell(runs: list[dict[str, Any]], rho: float, model: str) -> list[dict[str, Any]]:
+    return sorted(
+        (r for r in runs if r["correlation"] == rho and r["model"] == model),
+        key=lambda r: r["seed"],
+    )
+
+
 def summary(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per correlation and model: test loss, training loss at the best point, where runs ended."""
     rows = []
     for rho in CORRELATIONS:
         for m in MODELS:
-            mine = [r for r in runs if r["correlation"] == rho and r["model"] == m]
+            mine = _cell(runs, rho, m)
             if mine:
                 rows.append(
                     {"correlation": rho, "model": m}
                     | {"test_loss": summarise([r["test_loss"] for r in mine])}
-                    | {"final_train_loss": summarise([r["train_curve"][-1] for r in mine])}
+                    | {"train_loss_at_best": summarise([r["train_loss_at_best"] for r in mine])}
+                    | {"best_step": summarise([r["best_step"] for r in mine])}
+                    | {"stopped_early": sum(r["stopped_early"] for r in mine), "runs": len(mine)}
                 )
     return rows
 
 
-def plot(runs: list[dict[str, Any]], path: Path) -> None:
-    """Top: training loss per epoch (mean, min-max band); bottom: test loss of every seed."""
+def paired(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per correlation: MMoE's test loss minus each baseline's, seed by seed (same data)."""
+    rows = []
+    for rho in CORRELATIONS:
+        mmoe = {r["seed"]: r["test_loss"] for r in _cell(runs, rho, "mmoe")}
+        for base in BASELINES:
+            other = {r["seed"]: r["test_loss"] for r in _cell(runs, rho, base)}
+            seeds = sorted(mmoe.keys() & other.keys())
+            if not seeds:
+                continue
+            diffs = [mmoe[s] - other[s] for s in seeds]
+            stats = summarise(diffs)
+            rows.append(
+                {"correlation": rho, "baseline": base, "diffs": diffs, "seeds": seeds}
+                | {"diff": stats, "se": stats["std"] / math.sqrt(len(diffs))}
+                | {"mmoe_wins": sum(d < 0 for d in diffs)}
+            )
+    return rows
+
+
+# ------------------------------------------------------------------ figure
+def mean_curve(mine: list[dict[str, Any]], grid: Any) -> tuple[Any, Any]:
+    """Mean and standard error over runs of the training loss at the ``grid`` steps. A run that
+    stopped keeps its last value, so every point averages the same seeds."""
+    import numpy as np
+
+    curves = np.array([np.interp(grid, r["steps"], r["train_curve"]) for r in mine])  # (runs, G)
+    se = curves.std(0, ddof=1) / np.sqrt(len(mine)) if len(mine) > 1 else np.zeros(len(grid))
+    return curves.mean(0), se
+
+
+def plot(runs: list[dict[str, Any]], pairs: list[dict[str, Any]], every: int, path: Path) -> None:
+    """Top: training loss against steps (mean, +-1 SE band); bottom: paired test-loss deltas."""
     import numpy as np
 
     plt = plt_agg()
-    fig, axes = plt.subplots(2, len(CORRELATIONS), figsize=(4.2 * len(CORRELATIONS), 7))
+    n = len(CORRELATIONS)
+    fig, axes = plt.subplots(2, n, figsize=(4.2 * n, 7.5), squeeze=False)
     for col, rho in enumerate(CORRELATIONS):
         top, bottom = axes[0, col], axes[1, col]
-        for k, m in enumerate(MODELS):
-            mine = [r for r in runs if r["correlation"] == rho and r["model"] == m]
-            if not mine:
+        last = max((r["steps_run"] for r in runs if r["correlation"] == rho), default=0)
+        grid = np.arange(every, last + 1, every)
+        for m in MODELS:
+            mine = _cell(runs, rho, m)
+            if not mine or len(grid) == 0:
                 continue
-            n = min(len(r["train_curve"]) for r in mine)
-            curves = np.array([r["train_curve"][:n] for r in mine])  # (seeds, epochs)
-            x = np.arange(1, n + 1)
-            top.plot(x, curves.mean(0), color=COLOURS[m], label=LABELS[m])
-            top.fill_between(x, curves.min(0), curves.max(0), color=COLOURS[m], alpha=0.2)
-            losses = [r["test_loss"] for r in mine]
-            jitter = np.linspace(-0.15, 0.15, len(losses))
-            bottom.scatter(k + jitter, losses, color=COLOURS[m], s=18)
-            bottom.hlines(np.mean(losses), k - 0.3, k + 0.3, color=COLOURS[m])
+            mean, se = mean_curve(mine, grid)
+            top.plot(grid, mean, color=COLOURS[m], label=LABELS[m])
+            top.fill_between(grid, mean - se, mean + se, color=COLOURS[m], alpha=0.25)
         top.set_title(f"task correlation {rho:g}")
-        top.set_xlabel("epoch")
+        top.set_xlabel("step")
         top.set_ylabel("training loss (mean MSE of 2 tasks)")
         top.set_yscale("log")
         top.grid(alpha=0.3)
-        bottom.set_xticks(range(len(MODELS)), [LABELS[m] for m in MODELS])
-        bottom.set_ylabel("test loss per seed (line: mean)")
+        mine_pairs = [p for p in pairs if p["correlation"] == rho]
+        for k, p in enumerate(mine_pairs):
+            d = np.asarray(p["diffs"])
+            bottom.scatter(k + np.linspace(-0.15, 0.15, len(d)), d, color="grey", s=14)
+            bottom.errorbar(k, d.mean(), yerr=2 * p["se"], color="black", capsize=6, marker="D")
+        bottom.axhline(0.0, color="tab:red", lw=1)
+        ticks = [f"MMoE - {LABELS[p['baseline']]}" for p in mine_pairs]
+        bottom.set_xticks(range(len(ticks)), ticks)
+        bottom.set_xlim(-0.6, len(ticks) - 0.4)
+        bottom.set_ylabel("test-loss difference per seed")
         bottom.grid(alpha=0.3, axis="y")
     axes[0, 0].legend()
-    fig.suptitle("MMoE synthetic study: Shared-Bottom vs OMoE vs MMoE")
+    fig.suptitle(
+        "MMoE synthetic study. Top: training loss, mean over seeds +-1 SE (a stopped run keeps "
+        "its last value). Bottom: paired test-loss differences\n(dots: seeds; diamond: mean "
+        "+-2 SE; below 0 = MMoE better)",
+        fontsize=10,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
+# ------------------------------------------------------------------ command line
+def tables(rows: list[dict[str, Any]], pairs: list[dict[str, Any]], corr: dict[float, float]) -> str:
+    main_table = format_table(
+        [
+            "rho",
+            "label corr",
+            "model",
+            "test loss mean",
+            "std",
+            "train loss at best",
+            "best step (mean)",
+            "stopped early",
+        ],
+        [
+            [
+                f"{r['correlation']:g}",
+                corr[r["correlation"]],
+                LABELS[r["model"]],
+                r["test_loss"]["mean"],
+                r["test_loss"]["std"],
+                r["train_loss_at_best"]["mean"],
+                f"{r['best_step']['mean']:.0f}",
+                f"{r['stopped_early']}/{r['runs']}",
+            ]
+            for r in rows
+        ],
+    )
+    pair_table = format_table(
+        ["rho", "paired difference", "mean", "std", "SE", "MMoE better in"],
+        [
+            [
+                f"{p['correlation']:g}",
+                f"MMoE - {LABELS[p['baseline']]}",
+                p["diff"]["mean"],
+                p["diff"]["std"],
+                p["se"],
+                f"{p['mmoe_wins']}/{len(p['diffs'])} seeds",
+            ]
+            for p in pairs
+        ],
+    )
+    return main_table + "\n\n" + pair_table
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = argv_of(argv)
-    args = base_parser(__doc__.split("\n")[0], seeds=5).parse_args(argv)
+    args = base_parser(__doc__.split("\n")[0], seeds=10).parse_args(argv)
     started = time.perf_counter()
     sizes = QUICK if args.quick else FULL
     seeds = list(range(args.seeds))
@@ -203,35 +329,28 @@ def main(argv: list[str] | None = None) -> int:
 
     keys = [(rho, s, sizes.samples) for rho in CORRELATIONS for s in seeds]
     print(f"{NAME}: generating/encoding {len(keys)} data sets", flush=True)
-    run_jobs(make_data, keys, args.workers)
+    measured = run_jobs(make_data, keys, args.workers)
+    label_corr = {
+        rho: sum(c for k, c in zip(keys, measured, strict=True) if k[0] == rho) / len(seeds)
+        for rho in CORRELATIONS
+    }
     jobs = [Job(rho, s, m, sizes) for rho in CORRELATIONS for s in seeds for m in MODELS]
     print(f"{NAME}: {len(jobs)} training runs on {args.workers} workers", flush=True)
     runs = run_jobs(run_one, jobs, args.workers)
 
-    rows = summary(runs)
-    plot(runs, png_path)
-    settings = vars(sizes) | {"seeds": seeds, "correlations": list(CORRELATIONS)}
+    rows, pairs = summary(runs), paired(runs)
+    plot(runs, pairs, sizes.validate_every, png_path)
+    stopped = sum(r["stopped_early"] for r in runs)
+    settings = asdict(sizes) | {"seeds": seeds, "correlations": list(CORRELATIONS)}
     settings |= {"workers": args.workers, "quick": args.quick}
-    write_result(
-        json_path, NAME, argv, started, {"settings": settings, "summary": rows, "runs": runs}
-    )
-    print(
-        format_table(
-            ["rho", "model", "test loss mean", "std", "min", "max", "final train loss"],
-            [
-                [
-                    r["correlation"],
-                    LABELS[r["model"]],
-                    r["test_loss"]["mean"],
-                    r["test_loss"]["std"],
-                    r["test_loss"]["min"],
-                    r["test_loss"]["max"],
-                    r["final_train_loss"]["mean"],
-                ]
-                for r in rows
-            ],
-        )
-    )
+    payload = {"settings": settings, "label_correlation": label_corr, "stopped_early": stopped}
+    payload |= {"summary": rows, "paired": pairs, "runs": runs}
+    write_result(json_path, NAME, argv, started, payload)
+    print(tables(rows, pairs, label_corr))
+    print(f"\nruns ended by early stopping: {stopped}/{len(runs)}", end="")
+    budget = [str(Job(r["correlation"], r["seed"], r["model"], sizes)) for r in runs]
+    budget = [b for b, r in zip(budget, runs, strict=True) if not r["stopped_early"]]
+    print(f" (the epoch budget ended: {', '.join(budget)})" if budget else "")
     print(f"wrote {json_path} and {png_path} in {time.perf_counter() - started:.0f}s")
     return 0
 

@@ -44,6 +44,7 @@ from bench.common import (
 )
 
 NAME = "train_start"
+DEFAULT_SEEDS = 3
 # label -> overrides of the base config (on top of the TrainConfig defaults)
 VARIANTS: dict[str, dict[str, Any]] = {
     "before": {"init_output_bias": False},
@@ -185,7 +186,7 @@ def summary(runs: list[dict[str, Any]], variants: list[str], tasks: list[str]) -
 
 def main(argv: list[str] | None = None) -> int:
     argv = argv_of(argv)
-    p = base_parser(__doc__.split("\n")[0], seeds=3)
+    p = base_parser(__doc__.split("\n")[0], seeds=DEFAULT_SEEDS)
     p.set_defaults(workers=1)
     p.add_argument("--data", choices=sorted(BASE), default="ecommerce")
     p.add_argument("--impressions", type=int, default=100_000, help="ecommerce only")
@@ -209,6 +210,8 @@ def main(argv: list[str] | None = None) -> int:
         suffix = "_census"
     else:
         suffix = "" if impressions == 100_000 or args.quick else f"_n{impressions}"
+    if args.seeds != DEFAULT_SEEDS and not args.quick:  # another table: its own result file
+        suffix += f"_seeds{args.seeds}"
     json_path, _ = output_paths(NAME + suffix, args)
     print(f"{NAME}: {len(jobs)} runs on {args.workers} worker(s)", flush=True)
     runs = run_jobs(run_one, jobs, args.workers)

@@ -12,8 +12,8 @@
   doubles it, so a benchmark can show each CVR estimator as the bias grows.
 * ``mmoe``: the two-task regression of Ma et al., KDD 2018 (MMoE), section 3.2, whose task
   relatedness is set by the cosine similarity ``rho`` of the two weight vectors.
-* ``census``: the UCI Census-Income (KDD) file split into train/valid/test with the two MMoE
-  benchmark labels derived (income > 50K, never married).
+* ``census``: the UCI Census-Income (KDD) file split into train/valid/test with the labels of
+  the MMoE paper's two task groups derived (income > 50K, never married, college degree).
 
 Everything is deterministic by seed and generated in vectorised chunks.
 """
@@ -402,6 +402,19 @@ CENSUS_COLUMNS = [
     "fill_inc_questionnaire_for_veterans_admin", "veterans_benefits", "weeks_worked_in_year",
     "year", "income",
 ]  # fmt: skip
+# The MMoE paper's task group 2 predicts "whether the education level is at least college"
+# (Ma et al., KDD 2018, section 6.3) without saying where college starts. An associate degree or
+# higher reproduces the paper's label statistics: |Pearson(label, never married)| is 0.2376 on
+# this file against the paper's 0.2373 (bachelor's or higher: 0.196; any college, with "Some
+# college but no degree": 0.281). 19.5% of the records hold such a degree.
+CENSUS_COLLEGE_DEGREES = (
+    "Associates degree-occup /vocational",
+    "Associates degree-academic program",
+    "Bachelors degree(BA AB BS)",
+    "Masters degree(MA MS MEng MEd MSW MBA)",
+    "Prof school degree (MD DDS DVM LLB JD)",
+    "Doctorate degree(PhD EdD)",
+)
 
 
 def split_census(
@@ -409,9 +422,11 @@ def split_census(
 ) -> dict[str, Any]:
     """Split the raw UCI file into {train,valid,test}.parquet after a seeded shuffle.
 
-    Adds ``income_50k`` (col 42 is "50000+.") and ``never_married`` (col 8 is "Never married")
-    as 0/1 columns and drops the two raw label columns and col 25 (a sampling weight, not an
-    attribute). Text values are stripped of the file's leading blanks.
+    Adds ``income_50k`` (col 42 is "50000+."), ``never_married`` (col 8 is "Never married") and
+    ``college_degree`` (col 5 is one of :data:`CENSUS_COLLEGE_DEGREES`) as 0/1 columns and drops
+    the two raw label columns and col 25 (a sampling weight, not an attribute). ``education``
+    stays: it is an input of task group 1, and group 2's dataset spec leaves it out. Text values
+    are stripped of the file's leading blanks.
     """
     table = pacsv.read_csv(
         src, read_options=pacsv.ReadOptions(column_names=CENSUS_COLUMNS, block_size=1 << 22)
@@ -424,9 +439,13 @@ def split_census(
         cols[name] = pc.utf8_trim_whitespace(col) if pa.types.is_string(col.type) else col
     income = np.asarray(pc.equal(cols.pop("income"), "50000+.").to_numpy(zero_copy_only=False))
     marital = pc.equal(cols.pop("marital_stat"), "Never married").to_numpy(zero_copy_only=False)
+    college = pc.is_in(cols["education"], pa.array(CENSUS_COLLEGE_DEGREES)).to_numpy(
+        zero_copy_only=False
+    )
     del cols["instance_weight"]
     out = pa.table(cols).append_column("income_50k", pa.array(income.astype(np.int8)))
     out = out.append_column("never_married", pa.array(np.asarray(marital).astype(np.int8)))
+    out = out.append_column("college_degree", pa.array(np.asarray(college).astype(np.int8)))
     out = out.take(np.random.default_rng(seed).permutation(out.num_rows))
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -438,7 +457,11 @@ def split_census(
         "seed": seed,
         "splits": writer.close(),
         "files": {s: writer.file(s) for s in ("train", "valid", "test")},
-        "rates": {"income_50k": float(income.mean()), "never_married": float(marital.mean())},
+        "rates": {
+            "income_50k": float(income.mean()),
+            "never_married": float(marital.mean()),
+            "college_degree": float(college.mean()),
+        },
     }
     (out_dir / "meta.json").write_text(json.dumps(meta, indent=1))
     return meta

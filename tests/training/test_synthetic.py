@@ -13,6 +13,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import pytest
 
+from training.config import load_dataset_spec
 from training.synthetic import (
     HISTORY_DAYS,
     ITEM_COLUMNS,
@@ -207,6 +208,9 @@ def test_split_census(shared_data: Path, tmp_path: Path) -> None:
         rows = list(csv.reader(f))
     rich = sum(r[41].strip() == "50000+." for r in rows)
     single = sum(r[7].strip() == "Never married" for r in rows)
+    degrees = ("Associates", "Bachelors", "Masters", "Prof school", "Doctorate")
+    college = sum(r[4].strip().startswith(degrees) for r in rows)
+    assert college == 19456  # every degree spelt as in the file: none silently left out
     assert main(["census", "--src", str(src), "--out", str(tmp_path / "c"), "--seed", "0"]) == 0
     parts = [pq.read_table(tmp_path / "c" / f"{s}.parquet") for s in SPLITS]
     assert [p.num_rows for p in parts] == [79809, 9976, 9977]
@@ -214,10 +218,31 @@ def test_split_census(shared_data: Path, tmp_path: Path) -> None:
     assert t.num_rows == len(rows)
     assert sum(t.column("income_50k").to_pylist()) == rich
     assert sum(t.column("never_married").to_pylist()) == single
+    assert sum(t.column("college_degree").to_pylist()) == college
+    edu = t.column("education").to_pylist()  # kept: an input of task group 1
+    assert t.column("college_degree").to_pylist() == [int(e.startswith(degrees)) for e in edu]
     assert {"instance_weight", "income", "marital_stat"}.isdisjoint(t.column_names)
-    assert t.num_columns == 41
+    assert t.num_columns == 42
     assert "Private" in t.column("class_of_worker").to_pylist()  # leading blanks stripped
     # a fixed seed fixes the split
     again = split_census(src, tmp_path / "d", seed=0)
     assert again["splits"] == {"train": 79809, "valid": 9976, "test": 9977}
     assert pq.read_table(tmp_path / "d" / "test.parquet").equals(parts[2])
+
+
+def test_census_task_groups_share_inputs() -> None:
+    """Group 2 reads group 1's inputs minus the column its label comes from, never a label."""
+    configs = Path(__file__).resolve().parents[2] / "training" / "configs"
+    income = load_dataset_spec(configs / "census_income.dataset.yaml")
+    education = load_dataset_spec(configs / "census_education.dataset.yaml")
+    assert [t.label for t in income.tasks] == ["income_50k", "never_married"]
+    assert [t.label for t in education.tasks] == ["college_degree", "never_married"]
+    assert [c.name for c in education.sparse] == [
+        c.name for c in income.sparse if c.name != "education"
+    ]
+    assert education.dense == income.dense
+    assert [income.train, income.valid, income.test] == [
+        education.train,
+        education.valid,
+        education.test,
+    ]

@@ -14,7 +14,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from mtrank.spec import DenseField, FeatureSpec, SparseField, TaskOutput
+from tests.training.tiny import spec_for
 from training.config import (
     ConfigError,
     DatasetSpec,
@@ -33,17 +33,7 @@ TASKS = [
     TaskColumn(name="cart", label="cart", depends_on="ctr"),
     TaskColumn(name="stay", label="stay", kind="regression"),
 ]
-SPEC = FeatureSpec(
-    sparse=[
-        SparseField(name="user", source="user", vocab=[f"u{i}" for i in range(6)]),
-        SparseField(name="item", source="item", vocab=[f"i{i}" for i in range(9)]),
-    ],
-    dense=[
-        DenseField(name="price", source="item", mean=0.0, std=1.0, default=0.0),
-        DenseField(name="age", source="user", mean=0.0, std=1.0, default=0.0),
-    ],
-    outputs=[TaskOutput(name=t.name, kind=t.kind) for t in TASKS],
-)
+SPEC = spec_for(TASKS)
 SMALL = {
     "embed_dim": 4,
     "bottom_units": [8],

@@ -23,17 +23,24 @@ TASKS = [
     TaskColumn(name="collect", label="collect", depends_on="ctr"),
     TaskColumn(name="stay", label="stay", kind="regression", transform="log1p"),
 ]
-SPEC = FeatureSpec(
-    sparse=[
-        SparseField(name="user", source="user", vocab=[f"u{i}" for i in range(6)]),
-        SparseField(name="item", source="item", vocab=[f"i{i}" for i in range(9)]),
-    ],
-    dense=[
-        DenseField(name="price", source="item", mean=0.0, std=1.0, default=0.0),
-        DenseField(name="age", source="user", mean=0.0, std=1.0, default=0.0),
-    ],
-    outputs=[TaskOutput(name=t.name, kind=t.kind) for t in TASKS],
-)
+
+
+def spec_for(tasks: list[TaskColumn]) -> FeatureSpec:
+    """Two id fields and two numbers, with one output per task."""
+    return FeatureSpec(
+        sparse=[
+            SparseField(name="user", source="user", vocab=[f"u{i}" for i in range(6)]),
+            SparseField(name="item", source="item", vocab=[f"i{i}" for i in range(9)]),
+        ],
+        dense=[
+            DenseField(name="price", source="item", mean=0.0, std=1.0, default=0.0),
+            DenseField(name="age", source="user", mean=0.0, std=1.0, default=0.0),
+        ],
+        outputs=[TaskOutput(name=t.name, kind=t.kind) for t in tasks],
+    )
+
+
+SPEC = spec_for(TASKS)
 SMALL = {"embed_dim": 4, "bottom_units": [8, 6], "tower_units": [4], "expert_units": [8]}
 
 

@@ -31,6 +31,7 @@ from __future__ import annotations
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -234,14 +235,27 @@ def plot(runs: list[dict[str, Any]], path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def _panels(
+    keys: tuple[str, ...], path: Path, title: str, draw: Callable[[Any, str], None]
+) -> None:
+    """One panel per metric key, ``draw(ax, key)`` fills each; shared legend, title and file."""
+    plt = plt_agg()
+    fig, axes = plt.subplots(1, len(keys), figsize=(5.2 * len(keys), 3.8))
+    for ax, key in zip(axes, keys, strict=True):
+        draw(ax, key)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def plot_curves(runs: list[dict[str, Any]], path: Path, title: str) -> None:
     """Validation entire-space CVR AUC and CTCVR AUC per validation point (mean over seeds)."""
     import numpy as np
 
-    plt = plt_agg()
-    keys = ("cvr_auc_entire_space", "cvr_ctcvr_auc")
-    fig, axes = plt.subplots(1, len(keys), figsize=(5.2 * len(keys), 3.8))
-    for ax, key in zip(axes, keys, strict=True):
+    def draw(ax: Any, key: str) -> None:
         for k, v in enumerate(VARIANTS):
             curves = [[h[key] for h in r["history"]] for r in runs if r["variant"] == v]
             if not curves:
@@ -252,22 +266,15 @@ def plot_curves(runs: list[dict[str, Any]], path: Path, title: str) -> None:
             ax.plot(steps[:n], mean, color=f"C{k}", label=v, marker=".", ms=3)
         ax.set_xlabel("training step")
         ax.set_title(f"validation {METRICS[key]}", fontsize=10)
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+
+    _panels(("cvr_auc_entire_space", "cvr_ctcvr_auc"), path, title, draw)
 
 
 def plot_sweep(runs: list[dict[str, Any]], knobs: list[float], path: Path, title: str) -> None:
     """Entire-space CVR AUC and bias against the selection-bias knob (mean ± std over seeds)."""
     import numpy as np
 
-    plt = plt_agg()
-    keys = ("cvr_auc_entire_space", "cvr_bias_entire_space")
-    fig, axes = plt.subplots(1, len(keys), figsize=(5.2 * len(keys), 3.8))
-    for ax, key in zip(axes, keys, strict=True):
+    def draw(ax: Any, key: str) -> None:
         for k, v in enumerate(SWEEP_VARIANTS):
             stats = [
                 [r["test"][key] for r in runs if r["variant"] == v and r["selection_bias"] == b]
@@ -278,12 +285,8 @@ def plot_sweep(runs: list[dict[str, Any]], knobs: list[float], path: Path, title
             ax.errorbar(knobs, mean, yerr=std, color=f"C{k}", label=v, marker="o", capsize=3)
         ax.set_xlabel("selection bias (generator knob; 1 = default world)")
         ax.set_title(f"test {METRICS[key]}", fontsize=10)
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+
+    _panels(("cvr_auc_entire_space", "cvr_bias_entire_space"), path, title, draw)
 
 
 def _table(rows: list[dict[str, Any]]) -> str:

@@ -122,10 +122,7 @@ class AITMModel(MultiTaskModel):
         for k, (g, ait) in enumerate(zip(self.transfer, self.ait, strict=True)):
             prev, cur = self.chain_index[k], self.chain_index[k + 1]
             z[cur], _ = ait(g(z[prev]), z[cur])  # p_{t-1} (B, d), q_t (B, d) -> z_t (B, d)
-        return {
-            name: tower(h)  # (B,)
-            for name, tower, h in zip(self.task_names, self.towers, z, strict=True)
-        }
+        return self.heads(z)
 
     def compute_losses(
         self,

@@ -167,7 +167,10 @@ class MultiTaskModel(nn.Module, ABC):
 
     # ------------------------------------------------------------------ compute
     def forward(self, sparse: Tensor, dense: Tensor) -> dict[str, Tensor]:
-        reps = self.bottom(sparse, dense)  # T x (B, d)
+        return self.heads(self.bottom(sparse, dense))
+
+    def heads(self, reps: Sequence[Tensor]) -> dict[str, Tensor]:
+        """Each task's tower on its representation: T x (B, d) -> {task: (B,) raw output}."""
         return {
             name: tower(h)  # (B,)
             for name, tower, h in zip(self.task_names, self.towers, reps, strict=True)

@@ -87,6 +87,9 @@ class Sizes:
     max_steps: int | None = None
     drop: tuple[str, ...] = ()  # sparse columns left out (an ablation)
     selection_bias: float = 1.0  # the generator's knob (1: the default world)
+    hidden_confounding: float = 0.0  # the unlogged per-impression confounder (0: none)
+    weight_averaging: float | None = None  # weight_averaging.decay; None: the config default
+    embedding_penalty: float | None = None  # frequency-aware embedding penalty λ; None: default
 
 
 FULL = Sizes(
@@ -113,38 +116,43 @@ class Job:
         return f"seed={self.seed} {self.variant}"
 
 
-def data_dir(impressions: int, selection_bias: float = 1.0) -> Path:
-    knob = "" if selection_bias == 1.0 else f"_sb{selection_bias:g}"
-    return DATA / f"ecommerce_n{impressions}_seed{DATA_SEED}{knob}"
+def data_dir(s: Sizes) -> Path:
+    knob = "" if s.selection_bias == 1.0 else f"_sb{s.selection_bias:g}"
+    knob += "" if s.hidden_confounding == 0.0 else f"_hc{s.hidden_confounding:g}"
+    return DATA / f"ecommerce_n{s.impressions}_seed{DATA_SEED}{knob}"
 
 
-def dataset(impressions: int, drop: tuple[str, ...] = (), selection_bias: float = 1.0) -> Any:
+def dataset(s: Sizes) -> Any:
     """ecommerce.dataset.yaml with the ctr and cvr tasks only, on the generated files, less the
-    sparse columns in ``drop``."""
+    sparse columns in ``s.drop``."""
     from training.config import load_dataset_spec
 
     ds = load_dataset_spec(CONFIGS / "ecommerce.dataset.yaml")
-    out = data_dir(impressions, selection_bias)
+    out = data_dir(s)
     return ds.model_copy(
-        update={s: str(out / f"{s}.parquet") for s in ("train", "valid", "test")}
+        update={k: str(out / f"{k}.parquet") for k in ("train", "valid", "test")}
         | {"tasks": [t for t in ds.tasks if t.name in ("ctr", "cvr")]}
-        | {"sparse": [c for c in ds.sparse if c.name not in drop]}
+        | {"sparse": [c for c in ds.sparse if c.name not in s.drop]}
     )
 
 
-def prepare_data(
-    impressions: int, drop: tuple[str, ...] = (), selection_bias: float = 1.0
-) -> dict[str, Any]:
+def prepare_data(s: Sizes) -> dict[str, Any]:
     """Generate (once) and encode the data set; returns its meta (rates, sizes)."""
     import json
 
     from training.data import prepare
     from training.synthetic import generate_ecommerce
 
-    out = data_dir(impressions, selection_bias)
+    out = data_dir(s)
     if not (out / "meta.json").is_file():
-        generate_ecommerce(out, impressions, DATA_SEED, selection_bias=selection_bias)
-    prepare(dataset(impressions, drop, selection_bias), DATA / ".cache")
+        generate_ecommerce(
+            out,
+            s.impressions,
+            DATA_SEED,
+            selection_bias=s.selection_bias,
+            hidden_confounding=s.hidden_confounding,
+        )
+    prepare(dataset(s), DATA / ".cache")
     meta: dict[str, Any] = json.loads((out / "meta.json").read_text())
     return meta
 
@@ -154,7 +162,7 @@ def config(job: Job) -> Any:
     kind, bottom = VARIANTS[job.variant]
     return make_config(
         CONFIGS / "ecommerce_esmm.yaml",
-        dataset(s.impressions, s.drop, s.selection_bias),
+        dataset(s),
         {
             "model.type": kind,
             "model.esmm_bottom": bottom,
@@ -172,7 +180,13 @@ def config(job: Job) -> Any:
             "early_stopping": {"metric": "cvr_ctcvr_auc", "patience": 6},
             "validation": {"every_steps": VALID_EVERY},
             "device": "cpu",
-        },
+        }
+        | ({} if s.weight_averaging is None else {"weight_averaging.decay": s.weight_averaging})
+        | (
+            {}
+            if s.embedding_penalty is None
+            else {"embedding_regularization": {"type": "frequency", "weight": s.embedding_penalty}}
+        ),
     )
 
 
@@ -186,6 +200,7 @@ def run_one(job: Job) -> dict[str, Any]:
         "seed": job.seed,
         "variant": job.variant,
         "selection_bias": job.sizes.selection_bias,
+        "hidden_confounding": job.sizes.hidden_confounding,
         "test": {k: res["test"].get(k) for k in METRICS},
         "best_epoch": res["best_epoch"],
         "best_step": res["best_step"],
@@ -270,20 +285,27 @@ def plot_curves(runs: list[dict[str, Any]], path: Path, title: str) -> None:
     _panels(("cvr_auc_entire_space", "cvr_ctcvr_auc"), path, title, draw)
 
 
-def plot_sweep(runs: list[dict[str, Any]], knobs: list[float], path: Path, title: str) -> None:
-    """Entire-space CVR AUC and bias against the selection-bias knob (mean ± std over seeds)."""
+KNOB_LABELS = {
+    "selection_bias": "selection bias (item clickbait; 1 = default world)",
+    "hidden_confounding": "hidden confounding (unlogged per-impression draw; 0 = default world)",
+}
+
+
+def plot_sweep(
+    runs: list[dict[str, Any]], knob: str, knobs: list[float], path: Path, title: str
+) -> None:
+    """Entire-space CVR AUC and bias against a generator knob (mean ± std over seeds)."""
     import numpy as np
 
     def draw(ax: Any, key: str) -> None:
         for k, v in enumerate(SWEEP_VARIANTS):
             stats = [
-                [r["test"][key] for r in runs if r["variant"] == v and r["selection_bias"] == b]
-                for b in knobs
+                [r["test"][key] for r in runs if r["variant"] == v and r[knob] == b] for b in knobs
             ]
             mean = [np.mean(x) for x in stats]
             std = [np.std(x, ddof=1) if len(x) > 1 else 0.0 for x in stats]
             ax.errorbar(knobs, mean, yerr=std, color=f"C{k}", label=v, marker="o", capsize=3)
-        ax.set_xlabel("selection bias (generator knob; 1 = default world)")
+        ax.set_xlabel(KNOB_LABELS[knob])
         ax.set_title(f"test {METRICS[key]}", fontsize=10)
 
     _panels(("cvr_auc_entire_space", "cvr_bias_entire_space"), path, title, draw)
@@ -299,24 +321,27 @@ def _table(rows: list[dict[str, Any]]) -> str:
 
 def sweep(args: Any, sizes: Sizes, argv: list[str], started: float) -> int:
     """One table per knob value, every value in one run; the plot of the knob."""
-    knobs = [float(x) for x in args.sweep.split(",")]
+    knob, knobs = args.sweep_knob, [float(x) for x in args.sweep.split(",")]
     name = f"{NAME}_sweep_n{sizes.impressions}"
+    name += "" if knob == "selection_bias" else f"_{knob}"
     json_path, png_path = output_paths(name, args)
     metas, jobs = {}, []
     for b in knobs:
-        at = replace(sizes, selection_bias=b)
-        print(f"{NAME}: generating/encoding {at.impressions:,} impressions, bias {b:g}", flush=True)
-        metas[b] = prepare_data(at.impressions, at.drop, b)
+        at = replace(sizes, **{knob: b})
+        print(f"{NAME}: generating/encoding {at.impressions:,} impressions, {knob} {b:g}")
+        metas[b] = prepare_data(at)
         jobs += [Job(s, v, at) for s in range(args.seeds) for v in SWEEP_VARIANTS]
     print(f"{NAME}: {len(jobs)} training runs on {args.workers} workers", flush=True)
     runs = run_jobs(run_one, jobs, args.workers)
-    plot_sweep(runs, knobs, png_path, f"Selection bias sweep, {sizes.impressions:,} impressions")
+    label = KNOB_LABELS[knob].split(" (")[0].capitalize()
+    title = f"{label} sweep, {sizes.impressions:,} impressions"
+    plot_sweep(runs, knob, knobs, png_path, title)
     tables = {}
     for b in knobs:
-        rows = summary([r for r in runs if r["selection_bias"] == b])
+        rows = summary([r for r in runs if r[knob] == b])
         tables[str(b)] = rows
-        print(f"\nselection bias {b:g} (data: {metas[b]['rates']})\n{_table(rows)}")
-    settings = vars(sizes) | {"knobs": knobs, "seeds": list(range(args.seeds))}
+        print(f"\n{knob} {b:g} (data: {metas[b]['rates']})\n{_table(rows)}")
+    settings = vars(sizes) | {"knob": knob, "knobs": knobs, "seeds": list(range(args.seeds))}
     settings |= {"data_seed": DATA_SEED, "workers": args.workers, "data": metas}
     write_result(
         json_path, NAME, argv, started, {"settings": settings, "summary": tables, "runs": runs}
@@ -332,7 +357,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--epochs", type=int, default=None, help="default 5")
     p.add_argument("--drop", default="", help="sparse columns to leave out, e.g. user_id,item_id")
     p.add_argument("--selection-bias", type=float, default=1.0, help="the generator's knob")
+    p.add_argument(
+        "--hidden-confounding", type=float, default=0.0, help="the generator's hidden confounder"
+    )
     p.add_argument("--sweep", default="", help="knob values, e.g. 0,1,2: the sweep and its plot")
+    p.add_argument("--sweep-knob", choices=sorted(KNOB_LABELS), default="selection_bias")
+    p.add_argument(
+        "--weight-averaging", type=float, default=None, help="weight_averaging.decay (ablation)"
+    )
+    p.add_argument(
+        "--embedding-penalty", type=float, default=None, help="frequency penalty λ (ablation)"
+    )
     args = p.parse_args(argv)
     started = time.perf_counter()
     sizes = QUICK if args.quick else FULL
@@ -347,17 +382,26 @@ def main(argv: list[str] | None = None) -> int:
     if args.drop:
         sizes = replace(sizes, drop=tuple(args.drop.split(",")))
         name += "_no_" + "_".join(sizes.drop)
+    if args.weight_averaging is not None:
+        sizes = replace(sizes, weight_averaging=args.weight_averaging)
+        name += f"_wa{args.weight_averaging:g}"
+    if args.embedding_penalty is not None:
+        sizes = replace(sizes, embedding_penalty=args.embedding_penalty)
+        name += f"_fr{args.embedding_penalty:g}"
     if args.sweep:
         return sweep(args, sizes, argv, started)
     if args.selection_bias != 1.0:
         sizes = replace(sizes, selection_bias=args.selection_bias)
         name += f"_sb{args.selection_bias:g}"
+    if args.hidden_confounding != 0.0:
+        sizes = replace(sizes, hidden_confounding=args.hidden_confounding)
+        name += f"_hc{args.hidden_confounding:g}"
     seeds = list(range(args.seeds))
     json_path, png_path = output_paths(name, args)
 
     print(f"{NAME}: generating/encoding {sizes.impressions:,} impressions", flush=True)
     # once, here: the workers only open the cache
-    meta = prepare_data(sizes.impressions, sizes.drop, sizes.selection_bias)
+    meta = prepare_data(sizes)
     jobs = [Job(s, v, sizes) for s in seeds for v in VARIANTS]
     print(f"{NAME}: {len(jobs)} training runs on {args.workers} workers", flush=True)
     runs = run_jobs(run_one, jobs, args.workers)

@@ -57,6 +57,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "adagrad_lr_0.01": {"embedding_optimizer": {"type": "adagrad", "lr": 0.01}},
     "warmup_20": {"lr_schedule": {"warmup_steps": 20}},
     "cosine": {"lr_schedule": {"decay": "cosine", "min_lr_ratio": 0.1}},
+    "avg_0.99": {"weight_averaging": {"decay": 0.99}},
+    "avg_0.999": {"weight_averaging": {"decay": 0.999}},
+    "id_dropout_0.02": {"id_dropout": {"user_id": 0.02, "item_id": 0.02}},  # ecommerce only
 }
 BASE = {"ecommerce": "ecommerce_mmoe.yaml", "census": "census_mmoe.yaml"}
 

@@ -184,6 +184,18 @@ class L2ConstrainedConfig(_Strict):
     )
 
 
+class PretrainedEmbedding(_Strict):
+    """Pretrained vectors for one sparse field's rows (training/pretrained.py)."""
+
+    path: str = Field(description=".npz with ids and vectors, or a recall export directory")
+    freeze: bool = Field(False, description="keep the loaded rows as loaded; false: fine-tune")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _bare_path(cls, value: Any) -> Any:
+        return {"path": value} if isinstance(value, str) else value
+
+
 class ModelConfig(_Strict):
     """Architecture and sizes. ``type`` is a key of :data:`MODEL_TYPES`."""
 
@@ -205,6 +217,10 @@ class ModelConfig(_Strict):
     aitm: AITMConfig = AITMConfig()
     cross_stitch: CrossStitchConfig = CrossStitchConfig()
     l2_constrained: L2ConstrainedConfig = L2ConstrainedConfig()
+    init_embeddings: dict[str, PretrainedEmbedding] = Field(
+        default_factory=dict,
+        description="sparse field -> pretrained vectors (a path, or {path, freeze})",
+    )
 
     @field_validator("type")
     @classmethod
@@ -239,6 +255,18 @@ class ValidationConfig(_Strict):
         ge=1,
         description="also validate every K optimiser steps (global count); None: only at the end "
         "of each epoch",
+    )
+
+
+class WeightAveraging(_Strict):
+    """An exponential moving average of the weights, validated, checkpointed and exported."""
+
+    decay: float = Field(
+        0.0,
+        ge=0.0,
+        lt=1.0,
+        description="per-step decay of the average (horizon about 1 / (1 - decay) steps; "
+        "0: no averaging); early steps use min(decay, (1 + n) / (10 + n))",
     )
 
 
@@ -298,6 +326,7 @@ class TrainConfig(_Strict):
     early_stopping: EarlyStopping = EarlyStopping()
     validation: ValidationConfig = ValidationConfig()
     lr_schedule: LRSchedule = LRSchedule()
+    weight_averaging: WeightAveraging = WeightAveraging()
     init_output_bias: bool = Field(
         True,
         description="start every output at the train split's base rate: binary log-odds, "
@@ -305,6 +334,11 @@ class TrainConfig(_Strict):
     )
     embedding_regularization: EmbeddingRegularization = EmbeddingRegularization()
     embedding_optimizer: EmbeddingOptimizer = EmbeddingOptimizer()
+    id_dropout: dict[str, float] = Field(
+        default_factory=dict,
+        description="sparse column -> probability that a train row's value is replaced by the OOV "
+        "index, so the OOV row learns what an unseen id (a new item or user) means at serving",
+    )
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     max_steps: int | None = Field(None, ge=1, description="stop after this many steps (smoke runs)")
@@ -316,6 +350,16 @@ class TrainConfig(_Strict):
         unknown = sorted(set(self.tasks) - known)
         if unknown:
             raise ValueError(f"tasks: {unknown} not in dataset tasks {sorted(known)}")
+        return self
+
+    @model_validator(mode="after")
+    def _id_dropout_columns(self) -> TrainConfig:
+        known = {c.name for c in self.dataset.sparse}
+        for name, p in self.id_dropout.items():
+            if name not in known:
+                raise ValueError(f"id_dropout: {name!r} is not a sparse column {sorted(known)}")
+            if not 0.0 <= p < 1.0:
+                raise ValueError(f"id_dropout.{name}: probability must be in [0, 1), got {p}")
         return self
 
     def weights(self, task: str) -> TaskWeights:
@@ -358,6 +402,13 @@ def load_train_config(path: Path | str, overrides: dict[str, Any] | None = None)
         for key in ("train", "valid", "test"):
             if isinstance(ds.get(key), str):
                 ds[key] = str((path.parent / ds[key]).resolve())
+    model = data.get("model")
+    if isinstance(model, dict) and isinstance(model.get("init_embeddings"), dict):
+        for name, value in model["init_embeddings"].items():  # paths relative to this file
+            entry = {"path": value} if isinstance(value, str) else value
+            if isinstance(entry, dict) and isinstance(entry.get("path"), str):
+                entry["path"] = str((path.parent / entry["path"]).resolve())
+            model["init_embeddings"][name] = entry
     for dotted, value in (overrides or {}).items():
         node = data
         *parents, leaf = dotted.split(".")

@@ -9,7 +9,15 @@
   impression space; ``purchase = click * cf_purchase``. Never train on the truth columns.
   ``selection_bias`` (default 1.0, the original world) scales how strongly the unobserved item
   trait clickbait raises clicks and lowers purchases: 0 removes that channel of the bias, 2
-  doubles it, so a benchmark can show each CVR estimator as the bias grows.
+  doubles it, so a benchmark can show each CVR estimator as the bias grows. That trait is an
+  item's: a model that sees ``item_id`` can learn it, so given the features the selection is on
+  observables. ``hidden_confounding`` (default 0) adds the selection no feature can see: a
+  per-impression draw (how the item was framed that time) that raises the click logit and lowers
+  the purchase logit by ``hidden_confounding`` times a standard normal. Under it P(buy | click, x)
+  differs from P(buy | x) for every x, and no estimator whose propensity is a function of x
+  (IPS, DR, ESCM²) can recover the latter from clicked rows.
+  ``titles.parquet`` (item_id, title) gives each item a title whose words carry its category,
+  brand and quality (training/titles.py), for the recall stage's text towers.
 * ``mmoe``: the two-task regression of Ma et al., KDD 2018 (MMoE), section 3.2, whose task
   relatedness is set by the cosine similarity ``rho`` of the two weight vectors.
 * ``census``: the UCI Census-Income (KDD) file split into train/valid/test with the labels of
@@ -34,6 +42,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from mtrank.attributes import ITEM_ATTRIBUTES
+from training.titles import TITLES_FILE, write_titles
 
 TODAY_DAY = 20089  # 2025-01-01 as days since 1970-01-01: the fixed "now" of the ecommerce world
 HISTORY_DAYS = 30  # impressions span [TODAY_DAY - HISTORY_DAYS, TODAY_DAY)
@@ -146,6 +155,7 @@ def _items(rng: np.random.Generator, n: int) -> dict[str, np.ndarray]:
         "_has_cap": has_cap,
         "_vec": 0.8 * cat_vec[category] + 0.6 * rng.normal(size=(n, LATENT_DIM)),
         "_clickbait": clickbait,
+        "_category_vec": cat_vec,  # (C, K): what a user's taste for a category is measured against
         "_popularity": rng.lognormal(0.0, 1.0, n) * (1.0 + 1.5 * promoted),
     }
 
@@ -166,6 +176,39 @@ def _entity_table(cols: dict[str, np.ndarray], names: list[str]) -> pa.Table:
     return pa.table(arrays)
 
 
+class Taste:
+    """Which items a user is shown when a recommender, not popularity, picks them.
+
+    A user's taste for category c is softmax_c(4 * pref . category_vec[c] / sqrt(K)), the
+    preference the click logit's affinity term also reads; within the category an item is drawn
+    by popularity. Used for the ``personalization`` share of impressions.
+    """
+
+    def __init__(self, users: dict[str, np.ndarray], items: dict[str, np.ndarray]) -> None:
+        logits = 4.0 * users["_pref"] @ items["_category_vec"].T / np.sqrt(LATENT_DIM)  # (U, C)
+        p = np.exp(logits - logits.max(axis=1, keepdims=True))
+        self.category_cdf = np.cumsum(p / p.sum(axis=1, keepdims=True), axis=1)  # (U, C)
+        self.order = np.argsort(items["category"], kind="stable")  # items grouped by category
+        cats = items["category"][self.order]
+        self.start = np.searchsorted(cats, np.arange(N_CATEGORIES))  # (C,) first of each
+        self.end = np.searchsorted(cats, np.arange(N_CATEGORIES), side="right")
+        self.cum = np.cumsum(items["_popularity"][self.order])  # popularity, grouped
+
+    def sample(self, rng: np.random.Generator, users: np.ndarray) -> np.ndarray:
+        """(n,) item indices for users (n,): a category from the taste, an item within it."""
+        cdf = self.category_cdf[users]  # (n, C)
+        cat = np.minimum((cdf < rng.random(len(users))[:, None]).sum(axis=1), N_CATEGORIES - 1)
+        empty = self.start[cat] == self.end[cat]  # a category without items: its neighbour's
+        while empty.any():
+            cat[empty] = (cat[empty] + 1) % N_CATEGORIES
+            empty = self.start[cat] == self.end[cat]
+        lo = np.where(self.start[cat] > 0, self.cum[self.start[cat] - 1], 0.0)
+        hi = self.cum[self.end[cat] - 1]
+        pos = np.searchsorted(self.cum, lo + rng.random(len(users)) * (hi - lo), side="right")
+        picked: np.ndarray = self.order[np.clip(pos, self.start[cat], self.end[cat] - 1)]
+        return picked
+
+
 def _impressions(
     rng: np.random.Generator,
     users: dict[str, np.ndarray],
@@ -173,8 +216,15 @@ def _impressions(
     rows: np.ndarray,
     n_total: int,
     selection_bias: float = 1.0,
+    hidden: np.ndarray | None = None,
+    targeting: tuple[Taste, float, np.random.Generator] | None = None,
 ) -> dict[str, np.ndarray]:
-    """The funnel for global impression numbers ``rows`` (time increases with the number)."""
+    """The funnel for global impression numbers ``rows`` (time increases with the number).
+
+    ``hidden`` (n,): the unlogged per-impression confounder's effect on the logits (+ click,
+    - purchase); None: none. ``targeting`` (taste, share, its own random stream): that share of
+    the impressions is drawn from the user's taste instead of global popularity.
+    """
     n = len(rows)
     span = HISTORY_DAYS * 86400
     ts = (TODAY_DAY - HISTORY_DAYS) * 86400 + ((rows + rng.random(n)) / n_total * span)
@@ -184,6 +234,12 @@ def _impressions(
     i = np.searchsorted(items["_cdf"], rng.random(n))
     unborn = items["first_seen_day"][i] > day  # an item cannot be shown before it exists
     i[unborn] = items["_old"][np.searchsorted(items["_old_cdf"], rng.random(int(unborn.sum())))]
+    if targeting is not None:  # after the draws above, so the rest of the world is unchanged
+        taste, share, t_rng = targeting
+        pick = np.flatnonzero(t_rng.random(n) < share)
+        i[pick] = taste.sample(t_rng, u[pick])
+        late = pick[items["first_seen_day"][i[pick]] > day[pick]]  # not yet listed: an old one
+        i[late] = items["_old"][np.searchsorted(items["_old_cdf"], t_rng.random(len(late)))]
     device = rng.choice(3, n, p=[0.35, 0.5, 0.15])
 
     affinity = np.einsum("nk,nk->n", users["_pref"][u], items["_vec"][i]) / np.sqrt(LATENT_DIM)
@@ -210,6 +266,8 @@ def _impressions(
         + 0.3 * affinity
         + 0.3 * promoted
     )
+    if hidden is not None:
+        ctr_logit, cvr_logit = ctr_logit + hidden, cvr_logit - hidden
     true_ctr, true_cvr = _sigmoid(ctr_logit), _sigmoid(cvr_logit)
     click = rng.random(n) < true_ctr
     cf_purchase = rng.random(n) < true_cvr
@@ -247,6 +305,8 @@ def generate_ecommerce(
     seed: int,
     fmt: str = "parquet",
     selection_bias: float = 1.0,
+    hidden_confounding: float = 0.0,
+    personalization: float = 0.0,
 ) -> dict[str, Any]:
     """Write users.parquet, items.parquet, {train,valid,test}.<fmt> and meta.json; return meta.
 
@@ -254,11 +314,20 @@ def generate_ecommerce(
     entity tables always are Parquet; impression rows copy their attribute values verbatim.
     ``selection_bias`` >= 0 scales clickbait's pull on clicks and push on purchases (1.0: the
     original world; the same seed draws the same users, items and random numbers at any value).
+    ``hidden_confounding`` >= 0 scales the unlogged per-impression confounder (0: none); it draws
+    from its own stream, so the rest of the world is the same at any value. ``personalization``
+    in [0, 1] is the share of impressions drawn from the user's taste (:class:`Taste`) rather than
+    global popularity, as when a recall stage chose them (0: none, the default world); it too
+    draws from its own stream.
     """
     if n_impressions < 10:
         raise ValueError(f"n_impressions must be >= 10, got {n_impressions}")
     if not selection_bias >= 0.0:
         raise ValueError(f"selection_bias must be >= 0, got {selection_bias}")
+    if not hidden_confounding >= 0.0:
+        raise ValueError(f"hidden_confounding must be >= 0, got {hidden_confounding}")
+    if not 0.0 <= personalization <= 1.0:
+        raise ValueError(f"personalization must be in [0, 1], got {personalization}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     ent_rng = np.random.default_rng([seed, 0])
@@ -273,13 +342,24 @@ def generate_ecommerce(
     pq.write_table(
         _entity_table(items, ITEM_COLUMNS + ITEM_RULE_COLUMNS), out_dir / "items.parquet"
     )
+    title_of = (items["item_id"], items["category"], items["brand"], items["quality"])
+    write_titles(out_dir / TITLES_FILE, *title_of, seed=seed)
 
+    taste = Taste(users, items) if personalization > 0 else None
     writer = _SplitWriter(out_dir, n_impressions, fmt, SPLIT_FRACTIONS)
     sums = dict.fromkeys(("click", "cf_purchase", "purchase", "cart", "collect", "cvr_clk"), 0.0)
     sums |= {"true_cvr": 0.0, "quality": 0.0, "quality_clk": 0.0}
     for c, rows in _chunks(n_impressions, CHUNK_ROWS):
         rng = np.random.default_rng([seed, 1, c])
-        cols = _impressions(rng, users, items, rows, n_impressions, selection_bias)
+        hidden = None
+        if hidden_confounding > 0:
+            hidden = hidden_confounding * np.random.default_rng([seed, 2, c]).normal(size=len(rows))
+        targeting = None
+        if taste is not None:
+            targeting = (taste, personalization, np.random.default_rng([seed, 3, c]))
+        cols = _impressions(
+            rng, users, items, rows, n_impressions, selection_bias, hidden, targeting
+        )
         writer.write(pa.table(cols), int(rows[0]))
         clk = cols["click"] == 1
         for k in ("click", "cf_purchase", "purchase", "cart", "collect", "true_cvr", "quality"):
@@ -294,6 +374,8 @@ def generate_ecommerce(
         "format": fmt,
         "n_impressions": n_impressions,
         "selection_bias": selection_bias,
+        "hidden_confounding": hidden_confounding,
+        "personalization": personalization,
         "n_users": len(users["user_id"]),
         "n_items": len(items["item_id"]),
         "today_day": TODAY_DAY,
@@ -301,7 +383,7 @@ def generate_ecommerce(
         "splits": split_rows,
         "files": {s: writer.file(s) for s in split_rows}
         | {"users": "users.parquet"}
-        | {"items": "items.parquet"},
+        | {"items": "items.parquet", "titles": TITLES_FILE},
         "rates": {
             "ctr": sums["click"] / n,
             "cvr_after_click": sums["purchase"] / clicks,
@@ -488,6 +570,19 @@ def _parser() -> argparse.ArgumentParser:
         default=1.0,
         help="how strongly clickbait raises clicks and lowers purchases (default 1.0; 0 = none)",
     )
+    e.add_argument(
+        "--hidden-confounding",
+        type=float,
+        default=0.0,
+        help="scale of an unlogged per-impression draw that raises clicks and lowers purchases "
+        "(default 0 = none)",
+    )
+    e.add_argument(
+        "--personalization",
+        type=float,
+        default=0.0,
+        help="share of impressions drawn from the user's taste, not popularity (default 0)",
+    )
     m = sub.add_parser("mmoe", help="MMoE paper two-task regression with task correlation rho")
     m.add_argument("--out", type=Path, required=True)
     m.add_argument("--correlation", type=float, required=True)
@@ -507,7 +602,13 @@ def main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
     if args.kind == "ecommerce":
         meta = generate_ecommerce(
-            args.out, args.impressions, args.seed, args.format, args.selection_bias
+            args.out,
+            args.impressions,
+            args.seed,
+            args.format,
+            args.selection_bias,
+            args.hidden_confounding,
+            args.personalization,
         )
     elif args.kind == "mmoe":
         meta = generate_mmoe(

@@ -10,12 +10,14 @@ knows which architecture or which strategy it runs.
 Before the first step every output starts at its task's base rate in the train split
 (``init_output_bias``, models.base). The validation split is scored with training/evaluate.py at
 the end of each epoch and, with ``validation.every_steps: K``, every K steps: each scoring is a
-validation point in ``OUT/history.json``. Early stopping watches ``early_stopping.metric``
-(``valid_loss`` or any flat metric such as ``ctr_auc``) and counts its patience in validation
-points. The best point is saved to ``OUT/best.pt`` with everything needed to rebuild the model
-without the config file (the resolved config, the feature spec, epoch and step, its metrics, the
-learned loss weights, the base rates and the output biases they set), and the returned model is
-restored to it. Optimisers, the learning-rate schedule and the embedding penalty: training/optim.py.
+validation point in ``OUT/history.json``. With ``weight_averaging`` the validated (and saved,
+and exported) weights are the moving average of the iterates (training/optim.py). Early stopping
+watches ``early_stopping.metric`` (``valid_loss`` or any flat metric such as ``ctr_auc``) and
+counts its patience in validation points. The best point is saved to ``OUT/best.pt`` with
+everything needed to rebuild the model without the config file (the resolved config, the feature
+spec, epoch and step, its metrics, the learned loss weights, the base rates and the output biases
+they set), and the returned model is restored to it. Optimisers, the learning-rate schedule and
+the embedding penalty: training/optim.py.
 
 Under torchrun (``WORLD_SIZE`` > 1) every rank trains on its own shard (``batches(rank=,
 world_size=)``; shards have equal length, so ranks take the same number of steps), DDP averages
@@ -47,13 +49,22 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from mtrank.spec import OOV_INDEX
 from training.checkpoint import BEST, save_checkpoint
 from training.config import ConfigError, TrainConfig, load_train_config
 from training.data import Batch, Encoded, PreparedData, label_base_rates
 from training.evaluate import evaluate, lower_is_better
 from training.losses import Weighting, build_weighting
 from training.models import MultiTaskModel, build_model
-from training.optim import FrequencyRegularizer, build_optimizers, lr_factor, set_lr, step
+from training.optim import (
+    FrequencyRegularizer,
+    WeightAverage,
+    build_optimizers,
+    lr_factor,
+    set_lr,
+    step,
+)
+from training.pretrained import FrozenRows, init_embeddings
 from training.reports import to_json
 
 log = logging.getLogger(__name__)
@@ -129,6 +140,31 @@ def to_device(batch: Batch, device: torch.device) -> tuple[Tensor, Tensor, dict[
     dense = torch.from_numpy(np.asarray(batch.dense)).to(device)  # (B, D) float32
     labels = {t: torch.from_numpy(np.asarray(y)).to(device) for t, y in batch.labels.items()}
     return sparse, dense, labels
+
+
+class IdDropout:
+    """Replaces a sparse column's value by the OOV index with a per-column probability.
+
+    The OOV row otherwise learns only from the few train rows whose id fell under ``min_count``,
+    while at serving it stands for every id the model never saw (items first listed after the
+    train split). Dropping a small share of known ids trains it on the average id instead. The
+    draw is seeded by the run's seed and the rank, so runs repeat exactly.
+    """
+
+    def __init__(self, probs: dict[str, float], columns: list[str], seed: int, rank: int) -> None:
+        kept = {n: p for n, p in probs.items() if p > 0}
+        self.cols = torch.tensor([columns.index(n) for n in kept], dtype=torch.int64)  # (K,)
+        self.probs = torch.tensor(list(kept.values()), dtype=torch.float32)  # (K,)
+        self.gen = torch.Generator().manual_seed(seed * 1_000_003 + rank)
+
+    def __call__(self, sparse: Tensor) -> Tensor:
+        if len(self.cols) == 0:
+            return sparse
+        drop = torch.rand(len(sparse), len(self.cols), generator=self.gen) < self.probs  # (B, K)
+        out = sparse.clone()
+        cols = self.cols.to(sparse.device)
+        out[:, cols] = out[:, cols].masked_fill(drop.to(sparse.device), OOV_INDEX)
+        return out
 
 
 # ---------------------------------------------------------------- the loop
@@ -237,6 +273,18 @@ class _Run:
         self.cfg, self.out, self.data, self.c = cfg, out, data, c
         set_seed(cfg.seed)
         model = build_model(cfg, data.spec)
+        self.frozen: list[FrozenRows] = []
+        if cfg.model.init_embeddings:
+            loaded, self.frozen = init_embeddings(model, data.spec, cfg.model.init_embeddings)
+            for x in loaded:
+                log.info(
+                    "init_embeddings %s: %d of %d ids from %s (%s)",
+                    x.field,
+                    x.known,
+                    x.vocab,
+                    x.path,
+                    "frozen" if x.freeze else "fine-tuned",
+                )
         # every rank reads the whole train split, so all compute the same rates and biases
         self.base_rates = label_base_rates(data.train, cfg.dataset.tasks)
         self.output_bias = model.init_output_bias(self.base_rates) if cfg.init_output_bias else {}
@@ -249,10 +297,15 @@ class _Run:
         if reg.type == "frequency" and reg.weight > 0:
             counts = data.train.id_counts([f.vocab_size for f in data.spec.sparse])
             self.penalty = FrequencyRegularizer.for_model(self.model, counts, reg.weight)
+        decay = cfg.weight_averaging.decay
+        self.average = WeightAverage(self.model, decay) if decay > 0 else None
         self.net: nn.Module = self.model
         if c.world_size > 1:
             ids = [c.device.index] if c.device.type == "cuda" else None
             self.net = DistributedDataParallel(self.model, device_ids=ids)
+        self.id_dropout = IdDropout(
+            cfg.id_dropout, [f.name for f in data.spec.sparse], cfg.seed, c.rank
+        )
         self.total_steps = planned_steps(cfg, len(data.train), c.world_size)
         self.stopper = EarlyStopper(cfg.early_stopping.metric, cfg.early_stopping.patience)
         self.window = _Window(self.model.task_names)
@@ -264,6 +317,7 @@ class _Run:
         """One optimiser step on ``batch``; returns the task losses."""
         set_lr(self.opts, lr_factor(self.step, self.cfg.lr_schedule, self.total_steps))
         sparse, dense, labels = to_device(batch, self.c.device)
+        sparse = self.id_dropout(sparse)
         losses = self.model.compute_losses(self.net(sparse, dense), labels)
         penalty = self.penalty(sparse) if self.penalty is not None else None
         for opt in self.opts:
@@ -271,17 +325,26 @@ class _Run:
         weights = self.weighting.backward(losses, self.model, penalty)
         _average_grads(self.weighting, self.c)
         step(self.opts)
+        for rows in self.frozen:
+            rows.restore()
+        if self.average is not None:
+            self.average.update(self.model)
         self.step += 1
         values = {t: v.item() for t, v in losses.items()}
         self.window.add(values, weights, 0.0 if penalty is None else penalty.item())
         return values
+
+    @property
+    def kept(self) -> MultiTaskModel:
+        """The weights that are validated and saved: the moving average, or the last iterate."""
+        return self.model if self.average is None else self.average.module
 
     def validate_point(self, epoch: int, epoch_end: bool) -> bool:
         """Score the valid split at this step and keep the best point; True: stop training."""
         cfg, c = self.cfg, self.c
         train_loss, weights, penalty = self.window.means()
         self.window.reset()
-        metrics = _validate(cfg, self.model, self.data, c, train_loss)
+        metrics = _validate(cfg, self.kept, self.data, c, train_loss)
         if self.stopper.metric not in metrics:
             raise ConfigError(
                 f"early_stopping.metric {self.stopper.metric!r} is not one of {sorted(metrics)}"
@@ -305,11 +368,11 @@ class _Run:
         )
         if improved or not self.best:  # a NaN first point is still saved: best.pt must exist
             self.best = {"metrics": metrics, "epoch": epoch, "step": self.step}
-            self.best |= {"model": _snapshot(self.model), "weighting": _snapshot(self.weighting)}
+            self.best |= {"model": _snapshot(self.kept), "weighting": _snapshot(self.weighting)}
             if c.main:
                 save_checkpoint(
                     self.out / BEST,
-                    self.model,
+                    self.kept,
                     self.weighting,
                     cfg,
                     self.data.spec,

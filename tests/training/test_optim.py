@@ -9,10 +9,23 @@ import pytest
 import torch
 
 from mtrank.spec import FeatureSpec, SparseField, TaskOutput
-from training.config import DatasetSpec, LRSchedule, SparseColumn, TaskColumn, TrainConfig
+from training.config import (
+    ConfigError,
+    DatasetSpec,
+    LRSchedule,
+    SparseColumn,
+    TaskColumn,
+    TrainConfig,
+)
 from training.models import build_model
 from training.models.base import MultiTaskModel
-from training.optim import FrequencyRegularizer, build_optimizers, embedding_layers, lr_factor
+from training.optim import (
+    FrequencyRegularizer,
+    WeightAverage,
+    build_optimizers,
+    embedding_layers,
+    lr_factor,
+)
 
 TASKS = [TaskColumn(name="ctr", label="click")]
 SPEC = FeatureSpec(
@@ -176,3 +189,33 @@ def test_settings_that_would_be_ignored_are_errors(update: dict[str, object]) ->
 
     with pytest.raises(ValidationError, match="embedding_"):
         config(**update)
+
+
+# ---------------------------------------------------------------- weight averaging
+def test_weight_average_follows_the_warmed_up_ema_formula() -> None:
+    model = model_of(config())
+    avg = WeightAverage(model, decay=0.9)
+    param = next(model.parameters())
+    expected = None
+    for n in range(100):
+        with torch.no_grad():
+            param.add_(torch.randn_like(param))  # a fake step
+        d = min(0.9, (1 + n) / (10 + n))  # update n (from 0; update 0 copies)
+        expected = param.detach().clone() if n == 0 else d * expected + (1 - d) * param.detach()
+        avg.update(model)
+    averaged = next(avg.module.parameters())
+    torch.testing.assert_close(averaged, expected, rtol=0, atol=1e-5)
+    assert not torch.equal(averaged, param), "the average is not the last iterate"
+    assert avg.current_decay() == 0.9  # warm-up over: (1 + 100) / 110 > 0.9
+
+
+def test_weight_average_copies_buffers_and_rejects_bad_decay() -> None:
+    model = model_of(config())
+    avg = WeightAverage(model, decay=0.99)
+    for (ka, a), (kb, b) in zip(
+        avg.module.state_dict().items(), model.state_dict().items(), strict=True
+    ):
+        assert ka == kb and torch.equal(a, b)  # same keys: best.pt loads into the model class
+    for bad in (0.0, 1.0):
+        with pytest.raises(ConfigError, match="weight_averaging.decay"):
+            WeightAverage(model, decay=bad)

@@ -137,6 +137,70 @@ def test_selection_bias_default_is_the_original_world_and_the_cli_flag_sets_it(
         generate_ecommerce(tmp_path / "n", 2000, seed=5, selection_bias=-1.0)
 
 
+def test_hidden_confounding_moves_both_logits_by_an_unlogged_draw(tmp_path: Path) -> None:
+    """The same impressions are shown; only an unlogged per-impression draw tilts the funnel."""
+
+    def logit(p: np.ndarray) -> np.ndarray:
+        out: np.ndarray = np.log(p) - np.log1p(-p)
+        return out
+
+    base = generate_ecommerce(tmp_path / "0", 20_000, seed=4)
+    hid = generate_ecommerce(tmp_path / "h", 20_000, seed=4, hidden_confounding=1.5)
+    assert base["hidden_confounding"] == 0.0 and hid["hidden_confounding"] == 1.5
+    a = pq.read_table(tmp_path / "0" / "train.parquet").to_pydict()
+    b = pq.read_table(tmp_path / "h" / "train.parquet").to_pydict()
+    for col in ("ts", "user_id", "item_id", "price", "quality", "hour", "device"):
+        assert a[col] == b[col], col  # every logged feature is unchanged
+    shift = logit(np.array(b["true_ctr"])) - logit(np.array(a["true_ctr"]))
+    back = logit(np.array(b["true_cvr"])) - logit(np.array(a["true_cvr"]))
+    np.testing.assert_allclose(back, -shift, atol=1e-6)  # + click logit, - purchase logit
+    assert abs(float(np.std(shift)) - 1.5) < 0.05  # 1.5 x a standard normal
+    for col in ("quality", "price", "user_activity", "hour"):  # not a function of the features
+        assert abs(np.corrcoef(shift, np.array(a[col], dtype=float))[0, 1]) < 0.05, col
+    r0, r1 = base["rates"], hid["rates"]  # clicks now select the impressions that will not buy
+    gap0 = r0["mean_true_cvr_all"] - r0["mean_true_cvr_clicked"]
+    assert r1["mean_true_cvr_all"] - r1["mean_true_cvr_clicked"] > gap0 + 0.02
+    with pytest.raises(ValueError, match="hidden_confounding"):
+        generate_ecommerce(tmp_path / "n", 2000, seed=5, hidden_confounding=-0.5)
+    argv = ["ecommerce", "--out", str(tmp_path / "c"), "--impressions", "2000", "--seed", "5"]
+    assert main([*argv, "--hidden-confounding", "0.5"]) == 0
+    assert json.loads((tmp_path / "c" / "meta.json").read_text())["hidden_confounding"] == 0.5
+
+
+def test_personalization_shows_users_their_taste(tmp_path: Path) -> None:
+    """With a share of impressions drawn from each user's taste, a user's impressions (and clicks)
+    concentrate on fewer categories; the users, times and other draws stay the same."""
+
+    def top_category_share(path: Path, clicked: bool) -> float:
+        t = pq.read_table(path, columns=["user_id", "category", "click"]).to_pydict()
+        user, cat = np.array(t["user_id"]), np.array(t["category"])
+        if clicked:
+            keep = np.array(t["click"]) == 1
+            user, cat = user[keep], cat[keep]
+        pairs = np.unique(np.stack([user, cat]), axis=1, return_counts=True)
+        per_user: dict[int, list[int]] = {}
+        for (u, _), n in zip(pairs[0].T, pairs[1], strict=True):
+            per_user.setdefault(int(u), []).append(int(n))
+        busy = [c for c in per_user.values() if sum(c) >= 5]
+        return float(np.mean([max(c) / sum(c) for c in busy]))
+
+    base = generate_ecommerce(tmp_path / "0", 40_000, seed=2)
+    tuned = generate_ecommerce(tmp_path / "p", 40_000, seed=2, personalization=0.6)
+    assert base["personalization"] == 0.0 and tuned["personalization"] == 0.6
+    a = pq.read_table(tmp_path / "0" / "train.parquet", columns=["ts", "user_id", "item_id"])
+    b = pq.read_table(tmp_path / "p" / "train.parquet", columns=["ts", "user_id", "item_id"])
+    assert a.column("user_id").equals(b.column("user_id")) and a.column("ts").equals(b.column("ts"))
+    moved = np.mean(a.column("item_id").to_numpy() != b.column("item_id").to_numpy())
+    assert 0.45 < moved < 0.6  # 60% re-drawn, a few land on the same item
+    for clicked in (False, True):
+        share0 = top_category_share(tmp_path / "0" / "train.parquet", clicked)
+        share1 = top_category_share(tmp_path / "p" / "train.parquet", clicked)
+        assert share1 > share0 + 0.1, (clicked, share0, share1)
+    assert tuned["rates"]["ctr"] > base["rates"]["ctr"]  # shown what they like, users click more
+    with pytest.raises(ValueError, match="personalization"):
+        generate_ecommerce(tmp_path / "n", 2000, seed=5, personalization=1.5)
+
+
 def test_attribute_tables_match_impressions(
     ecommerce_dir: Path, imps: dict[str, np.ndarray]
 ) -> None:

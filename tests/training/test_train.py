@@ -10,9 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from pydantic import ValidationError
 from torch.multiprocessing.spawn import spawn
 
-from mtrank.spec import DenseField, FeatureSpec, SparseField, TaskOutput
+from mtrank.spec import OOV_INDEX, DenseField, FeatureSpec, SparseField, TaskOutput
 from training.checkpoint import load_checkpoint
 from training.config import (
     ConfigError,
@@ -357,3 +358,54 @@ def test_ddp_on_gloo_keeps_ranks_identical(tmp_path: Path, variant: str) -> None
     assert not (tmp_path / "rank1").exists()  # only rank 0 writes
     # the learned loss weights moved, and moved alike: their gradients are averaged too
     assert not torch.equal(r0["state"]["weighting.log_vars"], torch.zeros(3))
+
+
+def test_weight_averaging_validates_and_saves_the_average(tmp_path: Path) -> None:
+    data = tiny_data(600)
+    plain = train(config(epochs=1, max_steps=12), tmp_path / "plain", data)
+    cfg = config(epochs=1, max_steps=12, weight_averaging={"decay": 0.9})
+    averaged = train(cfg, tmp_path / "avg", data)
+    # the same seed and batches: the iterates are identical, what is kept is not
+    saved = torch.load(averaged.best_checkpoint, weights_only=True)["model_state"]
+    last = torch.load(plain.best_checkpoint, weights_only=True)["model_state"]
+    assert saved.keys() == last.keys()
+    assert any(not torch.equal(saved[k], last[k]) for k in saved)
+    for k, v in averaged.model.state_dict().items():
+        assert torch.equal(v, saved[k])  # the returned model is the saved average
+    from training.evaluate import evaluate
+
+    again = evaluate(averaged.model, data.valid, cfg.dataset.tasks)["metrics"]  # type: ignore[arg-type]
+    assert again["ctr_auc"] == pytest.approx(averaged.metrics["ctr_auc"], abs=1e-12)
+
+
+def test_id_dropout_sends_the_chosen_share_of_one_column_to_oov() -> None:
+    from training.train import IdDropout
+
+    sparse = torch.arange(1, 3 * 20_000 + 1, dtype=torch.int64).reshape(20_000, 3)  # no OOV yet
+    out = IdDropout({"b": 0.1, "c": 0.0}, ["a", "b", "c"], seed=0, rank=0)(sparse)
+    assert torch.equal(out[:, [0, 2]], sparse[:, [0, 2]])  # other columns (and p = 0) untouched
+    dropped = out[:, 1] == OOV_INDEX
+    assert abs(dropped.float().mean().item() - 0.1) < 0.01  # about 10%, within 4 standard errors
+    assert torch.equal(out[~dropped, 1], sparse[~dropped, 1])
+    assert torch.equal(sparse[:, 1], torch.arange(2, 3 * 20_000 + 1, 3))  # the input is not mutated
+    again = IdDropout({"b": 0.1}, ["a", "b", "c"], seed=0, rank=0)(sparse)
+    assert torch.equal(again, out)  # seeded: runs repeat
+
+
+def test_id_dropout_trains_the_oov_row_and_checks_its_columns(tmp_path: Path) -> None:
+    from training.models import build_model
+    from training.train import set_seed
+
+    data = tiny_data(600)
+    name = data.spec.sparse[0].name  # its rows start at 0: row 0 is its OOV row
+    assert (np.asarray(data.train.sparse)[:, 0] != OOV_INDEX).all(), "precondition: no OOV value"
+    set_seed(0)
+    init = build_model(config(), data.spec).bottom.inputs.table.weight[0].detach().clone()  # type: ignore[union-attr]
+    plain = train(config(epochs=1), tmp_path / "a", data).model
+    dropped = train(config(epochs=1, id_dropout={name: 0.2}), tmp_path / "b", data).model
+    assert torch.equal(plain.bottom.inputs.table.weight[0], init)  # type: ignore[union-attr]
+    assert not torch.equal(dropped.bottom.inputs.table.weight[0], init)  # type: ignore[union-attr]
+    with pytest.raises(ValidationError, match="id_dropout"):
+        config(id_dropout={"nope": 0.1})
+    with pytest.raises(ValidationError, match="id_dropout"):
+        config(id_dropout={name: 1.0})

@@ -21,7 +21,7 @@ $(VENV)/.demo: pyproject.toml | $(BIN)/python
 	$(PIP) install -q -e ".[serve,train]"
 	touch $@
 
-## demo: train+export a small model on synthetic data if models/ has none, then serve it
+## demo: train+export a small ranker and recall model on synthetic data if models/ has none, then serve them
 demo: $(VENV)/.demo
 	$(BIN)/mtrank demo --host $(HOST) --port $(PORT)
 

@@ -5,6 +5,8 @@ Layout::
     models/NAME/VERSION/model.onnx      the graph (inputs per spec.json, one output per task)
     models/NAME/VERSION/spec.json       the feature contract (mtrank.spec.FeatureSpec)
     models/NAME/VERSION/metadata.json   tasks, metrics, config, checksums, tool versions
+    models/NAME/VERSION/user_tower.onnx a recall version instead holds the user tower, its index
+                                        and its popularity list (layout: mtrank.recall_artefact)
     models/NAME/current                 one line: the VERSION the service serves
     models/NAME/snapshots/SNAP.npz      feature snapshots built against a version's spec
 
@@ -27,6 +29,8 @@ from pathlib import Path
 from typing import Any
 
 MODEL_FILE = "model.onnx"
+RECALL_MODEL_FILE = "user_tower.onnx"  # the graph of a recall version (``"kind": "recall"``)
+GRAPH_FILES = (MODEL_FILE, RECALL_MODEL_FILE)  # a version directory holds one of them
 METADATA_FILE = "metadata.json"
 CURRENT_FILE = "current"
 SNAPSHOT_DIR = "snapshots"
@@ -71,6 +75,15 @@ class ModelVersion:
         data: dict[str, Any] = json.loads((self.path / METADATA_FILE).read_text())
         return data
 
+    @property
+    def kind(self) -> str:
+        """``ranker`` (model.onnx) or ``recall`` (user_tower.onnx), from the files present."""
+        return "recall" if (self.path / RECALL_MODEL_FILE).is_file() else "ranker"
+
+
+def _has_graph(path: Path) -> bool:
+    return any((path / f).is_file() for f in GRAPH_FILES)
+
 
 class Registry:
     """Versions of named models under one root directory (``models/`` by default)."""
@@ -93,7 +106,7 @@ class Registry:
         return sorted(
             p.name
             for p in d.iterdir()
-            if p.is_dir() and not p.name.startswith(".") and (p / MODEL_FILE).is_file()
+            if p.is_dir() and not p.name.startswith(".") and _has_graph(p)
         )
 
     def current(self, name: str) -> str | None:
@@ -109,7 +122,7 @@ class Registry:
         if version is None:
             raise RegistryError(f"model {name!r} has no current version under {self.root}")
         path = self.model_dir(name) / check_name(version, "version")
-        if not (path / MODEL_FILE).is_file():
+        if not _has_graph(path):
             raise RegistryError(f"model {name!r} has no version {version!r} under {self.root}")
         return ModelVersion(name, version, path)
 
@@ -122,8 +135,8 @@ class Registry:
         final = self.model_dir(name) / version
         if final.exists():
             raise RegistryError(f"{final} already exists")
-        if not (Path(build) / MODEL_FILE).is_file():
-            raise RegistryError(f"{build} holds no {MODEL_FILE}")
+        if not _has_graph(Path(build)):
+            raise RegistryError(f"{build} holds no {' or '.join(GRAPH_FILES)}")
         os.replace(build, final)
         return ModelVersion(name, version, final)
 

@@ -25,22 +25,33 @@ from fastapi.openapi.utils import get_openapi
 from prometheus_client.multiprocess import mark_process_dead
 
 from mtrank import __version__
+from mtrank.history import HISTORY_DIR, latest_history
 from mtrank.registry import Registry
 from mtrank.spec import FeatureSpec
 from service.api.deps import Services
 from service.api.routes import SCHEMA_REF, admin_router, router
-from service.api.schemas import RankRequest
+from service.api.schemas import RankRequest, RecallRequest, RecommendRequest
 from service.errors import register_error_handlers
 from service.features.embedded import EmbeddedFeatureStore
 from service.features.redis_store import RedisFeatureStore
 from service.features.store import FeatureStore, FeatureStoreError
 from service.metrics import Metrics, multiprocess_dir
 from service.pipeline import Ranker
+from service.recall.history_store import (
+    EmbeddedHistoryStore,
+    HistoryStore,
+    MissingHistoryStore,
+    RedisHistoryStore,
+)
+from service.recall.recommend import Recommender
+from service.recall.runtime import RecallManager, RecallReload
+from service.recall.stage import Recaller
 from service.runtime import ModelManager, ReloadResult
 from service.serving_state import ServingState
 from service.settings import Settings, load_settings
 
 log = logging.getLogger("mtrank.app")
+HISTORY_POLL_S = 5.0  # how often each worker re-reads the history pointer in Redis
 
 
 def open_store(settings: Settings, spec: FeatureSpec) -> FeatureStore:
@@ -76,6 +87,50 @@ def _reload_hook(metrics: Metrics) -> Any:
     return on_reload
 
 
+def open_history_store(settings: Settings, name: str) -> HistoryStore:
+    """Redis when ``redis_url`` is set, else the history file in process memory.
+
+    No history file is not a start-up failure: every user then gets the popularity fallback,
+    flagged ``recall_history_unavailable``, and the log says what to build.
+    """
+    if settings.redis_url:
+        return RedisHistoryStore(settings.redis_url, settings.history_namespace or name,
+                                 settings.redis_timeout_ms / 1000.0)  # fmt: skip
+    path = settings.history_path or latest_history(
+        Registry(settings.model_dir).model_dir(name) / HISTORY_DIR
+    )
+    if path is None:
+        why = (f"no history file for recall model {name!r} under {settings.model_dir}: set "
+               "MTRANK_HISTORY_PATH or build one with `mtrank features build-history`")  # fmt: skip
+        log.error(why)
+        return MissingHistoryStore(why)
+    return EmbeddedHistoryStore(path)
+
+
+def _recall_hook(metrics: Metrics) -> Any:
+    def on_reload(result: RecallReload) -> None:
+        if result.result != "unchanged":
+            metrics.recall_reloads.labels(result=result.result).inc()
+
+    return on_reload
+
+
+async def start_recall(
+    settings: Settings, metrics: Metrics, state: ServingState, ranker: Ranker
+) -> Recommender | None:
+    """The recall stage when MTRANK_RECALL_MODEL is set. A version that does not load is not a
+    start-up failure: /recall and /recommend answer 503 until a good one is promoted."""
+    name = settings.recall_model
+    if name is None:
+        return None
+    manager = RecallManager(settings.model_dir, name, on_reload=_recall_hook(metrics),
+                            intra_op_threads=max(settings.ort_intra_threads, 1))  # fmt: skip
+    await asyncio.to_thread(manager.reload)
+    store = open_history_store(settings, name)
+    recaller = Recaller(manager, store, metrics, ranker.executor, settings.recall_max_k)
+    return Recommender(recaller, ranker, state, metrics)
+
+
 async def start_services(settings: Settings, metrics: Metrics) -> Services:
     """Load models, store and ranking config; raises with a clear message on any problem."""
     manager = ModelManager(
@@ -100,7 +155,9 @@ async def start_services(settings: Settings, metrics: Metrics) -> Services:
         raise
     metrics.feature_store_up.set(1 if await store.ping() else 0)
     metrics.track_snapshot(lambda: store.snapshot_built_at, settings.snapshot_max_age_seconds)
-    return Services(settings, metrics, state, Ranker(state, store, metrics, executor), executor)
+    ranker = Ranker(state, store, metrics, executor)
+    recommender = await start_recall(settings, metrics, state, ranker)
+    return Services(settings, metrics, state, ranker, executor, recommender)
 
 
 @asynccontextmanager
@@ -115,6 +172,13 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     if settings.config_poll_seconds > 0:  # the ranking config file, in every worker
         watch_config = services.state.watch_config(settings.config_poll_seconds)
         watchers.append(asyncio.create_task(watch_config, name="mtrank-config"))
+    recommender = services.recommender
+    if recommender is not None and settings.reload_poll_seconds > 0:  # recall's `current`
+        recall_watch = recommender.recaller.manager.watch(settings.reload_poll_seconds)
+        watchers.append(asyncio.create_task(recall_watch, name="mtrank-recall-watch"))
+    if recommender is not None and isinstance(recommender.recaller.store, RedisHistoryStore):
+        history_watch = recommender.recaller.store.watch(HISTORY_POLL_S)
+        watchers.append(asyncio.create_task(history_watch, name="mtrank-history"))
     age = app.state.metrics.keep_snapshot_age()  # every worker keeps its own value current
     watchers.append(asyncio.create_task(age, name="mtrank-snapshot-age"))
     gc.collect()
@@ -128,6 +192,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             with contextlib.suppress(asyncio.CancelledError):
                 await watcher
         await services.state.store.close()
+        if recommender is not None:
+            await recommender.recaller.store.close()
         services.executor.shutdown(wait=False)
         app.state.services = None
         gc.unfreeze()
@@ -140,10 +206,11 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
     if app.openapi_schema:
         return app.openapi_schema
     schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
-    body = RankRequest.model_json_schema(ref_template=SCHEMA_REF)
     components = schema.setdefault("components", {}).setdefault("schemas", {})
-    components.update(body.pop("$defs", {}))
-    components["RankRequest"] = body
+    for model in (RankRequest, RecallRequest, RecommendRequest):
+        body = model.model_json_schema(ref_template=SCHEMA_REF)
+        components.update(body.pop("$defs", {}))
+        components[model.__name__] = body
     app.openapi_schema = schema
     return schema
 

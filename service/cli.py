@@ -68,6 +68,15 @@ def example_curl(settings: Settings) -> str:
     return f"curl -s -X POST {url} -H 'content-type: application/json' -d {shlex.quote(payload)}"
 
 
+def example_recommend_curl(settings: Settings) -> str:
+    """``POST /recommend`` for the example user (recall, then the /rank path)."""
+    host = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host
+    url = f"http://{host}:{settings.port}/recommend"
+    ids = example_ids(settings)
+    payload = orjson.dumps({"user_id": ids[0] if ids else "some-user", "size": 5}).decode()
+    return f"curl -s -X POST {url} -H 'content-type: application/json' -d {shlex.quote(payload)}"
+
+
 def main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
     overrides = {
@@ -98,10 +107,14 @@ def main(argv: list[str]) -> int:
             f"{settings.ort_intra_threads}: 1 per worker is recommended\n"
         )
     host = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host
+    examples = [example_curl(settings)]
+    if settings.recall_model is not None:
+        examples.append(example_recommend_curl(settings))
+    served = settings.model_names + ([settings.recall_model] if settings.recall_model else [])
     sys.stdout.write(
-        f"mtrank: serving {settings.model_names} on http://{host}:{settings.port} "
+        f"mtrank: serving {served} on http://{host}:{settings.port} "
         f"({settings.workers} worker(s)); docs at http://{host}:{settings.port}/docs\n"
-        f"try:\n  {example_curl(settings)}\n"
+        "try:\n" + "".join(f"  {line}\n" for line in examples)
     )
     sys.stdout.flush()
     import uvicorn

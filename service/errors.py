@@ -76,6 +76,16 @@ class ReloadRejected(RankingError):
     error_type = "reload_rejected"
 
 
+class RecallIndexInvalid(ReloadRejected):
+    """A recall index directory failed its checks (missing or corrupt file, checksum, dim).
+
+    Raised by ``service.recall.index.RecallIndex.load`` before anything is swapped, so the index
+    already loaded keeps serving (409 when an admin reload triggered it).
+    """
+
+    error_type = "recall_index_invalid"
+
+
 def json_response(
     body: Any, status_code: int = 200, headers: Mapping[str, str] | None = None
 ) -> Response:

@@ -24,7 +24,7 @@ from prometheus_client import (
 )
 from prometheus_client.multiprocess import MultiProcessCollector
 
-STAGES = ("parse", "features", "inference", "fusion", "rules", "reserve", "total")
+STAGES = ("parse", "recall", "features", "inference", "fusion", "rules", "reserve", "total")
 # Every reason the pipeline can put in `degraded`: their series start at 0, so rate() and
 # increase() see the first degraded response after a start (a series born at 1 hides it).
 DEGRADED_REASONS = (
@@ -32,6 +32,8 @@ DEGRADED_REASONS = (
     "feature_store_error",
     "feature_spec_mismatch",
     "exposure_reservation_failed",
+    "recall_popularity_fallback",
+    "recall_history_unavailable",
 )
 # Most requests land between 1 ms and 50 ms; the tail buckets catch timeouts and GC pauses.
 STAGE_BUCKETS = (
@@ -99,6 +101,11 @@ class Metrics:
         self.model_reloads = Counter(
             "mtrank_model_reloads", "Model / config reload attempts", ["result"], registry=r
         )
+        # The recall version's hot reloads: a corrupt or mismatched version counts as a failure
+        # (the old one keeps serving).
+        self.recall_reloads = Counter(
+            "mtrank_recall_reloads", "Recall model reload attempts", ["result"], registry=r
+        )
         self.errors = Counter(
             "mtrank_errors", "Error responses by error class", ["type"], registry=r
         )
@@ -128,6 +135,7 @@ class Metrics:
         # alert would stay silent for the first bad model): start both results at 0.
         for result in ("success", "failure"):
             self.model_reloads.labels(result=result)
+            self.recall_reloads.labels(result=result)
         for reason in DEGRADED_REASONS:
             self.degraded.labels(reason=reason)
 

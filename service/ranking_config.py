@@ -49,6 +49,7 @@ from mtrank.fusion import (
 from mtrank.yamlio import load_yaml_model
 
 DEFAULT_SCENE = "default"
+DEFAULT_RECALL_K = 500
 
 
 class RankingConfigError(ValueError):
@@ -166,12 +167,19 @@ class RulesConfig(_Strict):
         return self
 
 
+class RecallConfig(_Strict):
+    """``POST /recommend``: how many candidates the recall stage hands to the ranker."""
+
+    k: int = Field(DEFAULT_RECALL_K, ge=1, description="capped at MTRANK_MAX_CANDIDATES")
+
+
 class SceneConfig(_Strict):
-    """One scene: fusion inline or in a file (relative to the YAML), plus its rules."""
+    """One scene: fusion inline or in a file (relative to the YAML), its rules, its recall k."""
 
     fusion: FusionConfig | None = None
     fusion_file: str | None = None
     rules: RulesConfig = RulesConfig()
+    recall: RecallConfig | None = None  # None: the default scene's, else DEFAULT_RECALL_K
 
     @model_validator(mode="after")
     def _one_fusion(self) -> SceneConfig:
@@ -199,6 +207,11 @@ class RankingConfig(_Strict):
         if key not in self.scenes:
             raise KeyError(f"unknown scene {key!r} (known: {', '.join(sorted(self.scenes))})")
         return self.scenes[key]
+
+    def recall_k(self, name: str | None) -> int:
+        """Candidates /recommend recalls for the scene (its own, the default's, or 500)."""
+        recall = self.scene(name).recall or self.scenes[DEFAULT_SCENE].recall
+        return recall.k if recall is not None else DEFAULT_RECALL_K
 
     def formula(self, name: str | None) -> Formula:
         """The scene's compiled formula (compiled once, at load)."""

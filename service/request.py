@@ -213,3 +213,13 @@ def parse_rank_request(body: bytes, limits: QueryLimits) -> RankQuery:
     )
     query.overrides = _overrides(candidates)
     return query
+
+
+def check_context(raw: Any, allowed: frozenset[str]) -> dict[str, ContextValue]:
+    """A request's ``context`` checked against the declared features (the /rank rules)."""
+    return _context(raw, allowed)
+
+
+def check_text_id(value: Any, name: str) -> str:
+    """A user or item id: a string of 1..MAX_ID_CHARS characters (the /rank rule)."""
+    return _text_id(value, name)

@@ -45,6 +45,21 @@ class Settings(BaseSettings):
         pattern=r"^[A-Za-z0-9_.-]+$",
         description="Redis key namespace; None: the first model name (as `mtrank features load`)",
     )
+    recall_model: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$",
+        description="registry name of the recall model; None: /recall and /recommend are off",
+    )
+    recall_max_k: int = Field(1000, ge=1, le=100_000, description="the largest k of /recall")
+    history_path: Path | None = Field(
+        None, description="embedded history file; default: the newest under models/RECALL/"
+    )
+    history_namespace: str | None = Field(
+        None,
+        min_length=1,
+        pattern=r"^[A-Za-z0-9_.-]+$",
+        description="Redis namespace of the histories; None: the recall model's name",
+    )
     ranking_config: Path = DEFAULT_RANKING_CONFIG
     max_candidates: int = Field(2000, ge=1, le=100_000)
     max_body_bytes: int = Field(1 << 20, ge=1024)
@@ -102,6 +117,8 @@ class Settings(BaseSettings):
             raise ValueError(f"MTRANK_MODEL_NAMES repeats a name: {self.model_names}")
         if not self.ranking_config.is_file():
             raise ValueError(f"MTRANK_RANKING_CONFIG: no such file {self.ranking_config}")
+        if self.history_path is not None and not self.history_path.is_file():
+            raise ValueError(f"MTRANK_HISTORY_PATH: no such file {self.history_path}")
         if self.snapshot_path is not None and not self.snapshot_path.is_file():
             raise ValueError(f"MTRANK_SNAPSHOT_PATH: no such file {self.snapshot_path}")
         return self

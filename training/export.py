@@ -251,12 +251,17 @@ def _metadata(
         "opset": OPSET,
         "parity": {"rows": parity.rows, "max_abs_diff": parity.max_abs_diff},
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
-        "versions": {
-            "torch": torch.__version__,
-            "onnx": onnx.__version__,
-            "onnxruntime": ort.__version__,
-            "python": platform.python_version(),
-        },
+        "versions": tool_versions(),
+    }
+
+
+def tool_versions() -> dict[str, str]:
+    """The libraries an export depends on, recorded in its metadata."""
+    return {
+        "torch": torch.__version__,
+        "onnx": onnx.__version__,
+        "onnxruntime": ort.__version__,
+        "python": platform.python_version(),
     }
 
 

@@ -180,6 +180,46 @@ def cmd_load(args: argparse.Namespace) -> int:
     return 0
 
 
+def _history_dir(root: Path, name: str) -> Path:
+    from mtrank.history import HISTORY_DIR
+
+    return Registry(root).model_dir(name) / HISTORY_DIR
+
+
+def cmd_build_history(args: argparse.Namespace) -> int:
+    from training.recall.history import build_history
+
+    fields = args.fields.split(",") if args.fields else None
+    hist = build_history(args.data, args.max_len, fields)
+    out = hist.save(args.out or _history_dir(args.root, args.name) / f"{hist.version}.npz")
+    print(
+        f"history {hist.version}: {len(hist.user_ids)} users, {len(hist.items)} clicks "
+        f"(last {hist.max_len} each), fields {hist.fields} -> {out}"
+    )
+    return 0
+
+
+def cmd_load_history(args: argparse.Namespace) -> int:
+    import redis
+
+    from mtrank.history import HistorySnapshot, latest_history, load_history_to_redis
+
+    path = args.snapshot or latest_history(_history_dir(args.root, args.name))
+    if path is None:
+        raise FeatureBuildError(
+            f"no history under {_history_dir(args.root, args.name)}: run "
+            "`mtrank features build-history` first"
+        )
+    hist = HistorySnapshot.load(path)
+    client = redis.Redis.from_url(args.redis)
+    try:
+        result = load_history_to_redis(client, args.namespace or args.name, hist)
+    finally:
+        client.close()
+    print(f"loaded history {hist.version} into {args.redis}: {result}")
+    return 0
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="mtrank features", description=__doc__.splitlines()[0])
     parser.add_argument("--root", default=Path("models"), type=Path, help="registry root")
@@ -198,9 +238,22 @@ def main(argv: list[str]) -> int:
     ld.add_argument("--snapshot", type=Path, default=None, help="default: latest for the model")
     ld.add_argument("--redis", required=True, help="redis://host:port/db")
     ld.add_argument("--namespace", default=None, help="key namespace (default: model name)")
+    bh = sub.add_parser("build-history", help="users' last clicks for the recall stage (file)")
+    bh.add_argument("--data", required=True, type=Path, help="the generator's folder")
+    bh.add_argument("--name", required=True, help="the recall model name (file under it)")
+    bh.add_argument("--max-len", type=int, default=50, help="clicks kept per user")
+    bh.add_argument("--fields", default=None, help="user columns (default: all of users.parquet)")
+    bh.add_argument("--out", type=Path, default=None)
+    lh = sub.add_parser("load-history", help="write a history file to Redis, switch the pointer")
+    lh.add_argument("--name", required=True)
+    lh.add_argument("--snapshot", type=Path, default=None, help="default: the newest file")
+    lh.add_argument("--redis", required=True, help="redis://host:port/db")
+    lh.add_argument("--namespace", default=None, help="key namespace (default: NAME)")
     args = parser.parse_args(argv)
+    commands = {"build": cmd_build, "load": cmd_load, "build-history": cmd_build_history,
+                "load-history": cmd_load_history}  # fmt: skip
     try:
-        return cmd_build(args) if args.action == "build" else cmd_load(args)
-    except (FeatureBuildError, RegistryError, ValueError) as e:
+        return commands[args.action](args)
+    except (FeatureBuildError, RegistryError, ValueError, OSError) as e:
         print(f"mtrank features: {e}", file=sys.stderr)
         return 1

@@ -21,6 +21,23 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "export": ("training.export", "export a checkpoint to ONNX into the model registry"),
     "features": ("training.features", "build feature snapshots / load them into Redis"),
     "tune-fusion": ("training.tune_fusion", "grid/random search of the fusion parameters"),
+    "train-recall": ("training.recall.train", "train a recall model (DSSM, YouTube DNN)"),
+    "evaluate-recall": (
+        "training.recall.evaluate",
+        "HR/recall/NDCG@K of a recall checkpoint on a split (JSON report)",
+    ),
+    "export-recall": (
+        "training.recall.export",
+        "export a recall user tower (ONNX) and item embeddings for the ANN index",
+    ),
+    "publish-recall": (
+        "training.recall.publish",
+        "export a recall checkpoint, build its ANN index and publish it into the registry",
+    ),
+    "item2vec": (
+        "training.recall.item2vec",
+        "skip-gram item vectors from click sessions (to initialise item_id embeddings)",
+    ),
     "models": ("mtrank.cli.models", "list model versions, promote one to current"),
     "serve": ("service.cli", "run the ranking service (uvicorn)"),
     "demo": ("mtrank.cli.demo", "train a small model if none exists, then serve it"),

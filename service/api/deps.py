@@ -12,6 +12,7 @@ from fastapi import Depends, Request
 from service.errors import NotReady, Unauthorized
 from service.metrics import Metrics
 from service.pipeline import Ranker
+from service.recall.recommend import Recommender
 from service.serving_state import ServingState
 from service.settings import Settings
 
@@ -25,6 +26,7 @@ class Services:
     state: ServingState  # the served models and ranking config: reloads, readiness
     ranker: Ranker  # the request path
     executor: ThreadPoolExecutor
+    recommender: Recommender | None = None  # None: MTRANK_RECALL_MODEL is unset (recall off)
 
 
 def get_services(request: Request) -> Services:

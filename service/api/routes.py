@@ -1,4 +1,5 @@
-"""HTTP routes: ``POST /rank``, health and readiness, ``/metrics``, ``/models`` and admin reload.
+"""HTTP routes: ``POST /rank``, ``/recall``, ``/recommend``, health and readiness, ``/metrics``,
+``/models`` and admin reload.
 
 ``/rank`` reads the raw body itself (size checked before and while reading), parses it with
 orjson and answers with orjson bytes; the request model is still declared in the OpenAPI schema
@@ -8,14 +9,33 @@ so ``/docs`` shows the full body.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
-from service.api.deps import AdminDep, ServicesDep
-from service.api.schemas import ErrorBody, ModelInfo, RankResponse, ReadyStatus
-from service.errors import InvalidRequest, PayloadTooLarge, RankingError, json_response
+from service.api.deps import AdminDep, Services, ServicesDep
+from service.api.schemas import (
+    ErrorBody,
+    ModelInfo,
+    RankResponse,
+    ReadyStatus,
+    RecallResponse,
+    RecommendResponse,
+)
+from service.errors import (
+    InvalidRequest,
+    NotReady,
+    PayloadTooLarge,
+    RankingError,
+    json_response,
+)
+from service.metrics import Metrics
+from service.recall.recommend import Recommender
+from service.recall.request import parse_recall_request, parse_recommend_request
 from service.request import parse_rank_request
 
 SCHEMA_REF = "#/components/schemas/{model}"
@@ -47,40 +67,96 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+def _body_schema(model: str) -> dict[str, Any]:
+    """The OpenAPI requestBody of a route that parses its body by hand."""
+    ref = {"$ref": SCHEMA_REF.format(model=model)}
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": ref}}}}
+
+
+@dataclass
+class _Account:
+    scene: str = "invalid"  # until the body names one
+    status: int = 500  # until the route answers
+
+
+@contextmanager
+def _accounted(metrics: Metrics) -> Iterator[_Account]:
+    """Counts one ranking request in ``mtrank_requests_total{scene, status}`` and times it as the
+    ``total`` stage, whatever way it ends (a RankingError's status, 500 for anything else)."""
+    account, start = _Account(), time.perf_counter()
+    try:
+        yield account
+    except RankingError as e:
+        account.status = e.status_code
+        raise
+    finally:
+        metrics.requests.labels(scene=account.scene, status=str(account.status)).inc()
+        metrics.stage_seconds.labels(stage="total").observe(time.perf_counter() - start)
+
+
 @router.post(
     "/rank",
     response_model=None,
     responses={200: {"model": RankResponse}, **_ERRORS},
-    openapi_extra={
-        "requestBody": {
-            "required": True,
-            "content": {
-                "application/json": {"schema": {"$ref": SCHEMA_REF.format(model="RankRequest")}}
-            },
-        }
-    },
+    openapi_extra=_body_schema("RankRequest"),
     tags=["ranking"],
 )
 async def rank(request: Request, services: ServicesDep) -> Response:
     """Rank the candidates for one user: features, model, fusion, re-rank rules."""
     metrics = services.metrics
-    start = time.perf_counter()
-    scene, status = "invalid", 500
-    try:
+    with _accounted(metrics) as account:
         with metrics.stage("parse"):
             body = await read_body(request, services.settings.max_body_bytes)
             query = parse_rank_request(body, services.state.limits())
-        scene = query.scene
+        account.scene = query.scene
         metrics.candidates.observe(len(query.item_ids))
         result = await services.ranker.rank(query)
-        status = 200
+        account.status = 200
         return json_response(result)
-    except RankingError as e:
-        status = e.status_code
-        raise
-    finally:
-        metrics.requests.labels(scene=scene, status=str(status)).inc()
-        metrics.stage_seconds.labels(stage="total").observe(time.perf_counter() - start)
+
+
+def _recommender(services: Services) -> Recommender:
+    if services.recommender is None:
+        raise NotReady("recall is off: set MTRANK_RECALL_MODEL to a recall model of the registry")
+    return services.recommender
+
+
+_RECALL_ERRORS: dict[int | str, dict[str, Any]] = {
+    **_ERRORS,
+    503: {"model": ErrorBody, "description": "recall off (MTRANK_RECALL_MODEL) or not loaded"},
+}
+
+
+@router.post(
+    "/recall", response_model=None, responses={200: {"model": RecallResponse}, **_RECALL_ERRORS},
+    openapi_extra=_body_schema("RecallRequest"), tags=["recall"],
+)  # fmt: skip
+async def recall(request: Request, services: ServicesDep) -> Response:
+    """Candidates for one user: history, user tower, filtered ANN query (or popularity)."""
+    recommender = _recommender(services)
+    with services.metrics.stage("parse"):
+        body = await read_body(request, services.settings.max_body_bytes)
+        query = parse_recall_request(body, services.state.limits(), services.settings.recall_max_k)
+    return json_response(await recommender.recall(query))
+
+
+@router.post(
+    "/recommend", response_model=None,
+    responses={200: {"model": RecommendResponse}, **_RECALL_ERRORS},
+    openapi_extra=_body_schema("RecommendRequest"), tags=["recall"],
+)  # fmt: skip
+async def recommend(request: Request, services: ServicesDep) -> Response:
+    """Recall the scene's k candidates for the user, then rank them as /rank does."""
+    metrics = services.metrics
+    with _accounted(metrics) as account:
+        recommender = _recommender(services)
+        with metrics.stage("parse"):
+            body = await read_body(request, services.settings.max_body_bytes)
+            query = parse_recommend_request(body, services.state.limits())
+        account.scene = query.scene
+        result = await recommender.recommend(query)
+        account.status = 200
+        return json_response(result)
 
 
 @router.get("/healthz", tags=["ops"])

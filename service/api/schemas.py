@@ -101,3 +101,63 @@ class ModelInfo(BaseModel):
 class ReadyStatus(BaseModel):
     ready: bool
     reasons: list[str]
+
+
+class RecallRequest(BaseModel):
+    """Body of ``POST /recall``."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    user_id: str = Field(min_length=1, max_length=MAX_ID_CHARS)
+    k: int = Field(100, ge=1, description="items to return; at most MTRANK_RECALL_MAX_K")
+    scene: str = Field("default", description="a scene of the ranking config")
+    context: dict[str, ContextValue | list[int]] = Field(
+        default_factory=dict,
+        description="declared context features, and `categories`: a category allow-list",
+    )
+    exclude: list[int] = Field(default_factory=list, description="raw item ids never to return")
+
+
+class RecommendRequest(BaseModel):
+    """Body of ``POST /recommend``: recall (the scene's `recall.k`), then rank."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    user_id: str = Field(min_length=1, max_length=MAX_ID_CHARS)
+    size: int = Field(20, ge=1, description="number of items to return")
+    scene: str = Field("default", description="a scene of the ranking config")
+    context: dict[str, ContextValue | list[int]] = Field(
+        default_factory=dict,
+        description="declared context features, and `categories`: a category allow-list",
+    )
+    explain: bool = False
+
+
+class RecalledItem(BaseModel):
+    item_id: str
+    score: float | None = Field(description="the user-item similarity; null from popularity")
+    source: str = Field(description="`ann` (the index) or `popularity` (the fallback)")
+
+
+class RecallResponse(BaseModel):
+    """Body of a successful ``POST /recall``."""
+
+    request_id: str
+    model: ModelRef
+    items: list[RecalledItem]
+    degraded: list[str] = Field(default_factory=list)
+
+
+class RecommendedItem(RankedItem):
+    recall_score: float | None = Field(description="the item's recall score (null: popularity)")
+    source: str = Field(description="`ann` or `popularity`")
+
+
+class RecommendResponse(BaseModel):
+    """Body of a successful ``POST /recommend``: a /rank body plus the recall stage's part."""
+
+    request_id: str
+    model: ModelRef
+    models: list[ModelRef] = Field(default_factory=list)
+    recall_model: ModelRef
+    items: list[RecommendedItem]
+    degraded: list[str] = Field(default_factory=list, description="recall's reasons first")
+    dropped: list[DroppedItem] | None = Field(None, description="only with explain")

@@ -79,7 +79,7 @@ def test_commands_in_code_blocks_exist(page: Path) -> None:
     targets = set(re.findall(r"^([a-z][a-z-]*):", makefile, flags=re.M))
     for block in code_blocks(text(page)):
         for line in block.splitlines():
-            for cmd in re.findall(r"(?:^|[\s;&|$(])mtrank ([a-z][a-z-]*)", line):
+            for cmd in re.findall(r"(?:^|[\s;&|$(])mtrank ([a-z][a-z0-9-]*)", line):
                 assert cmd in COMMANDS, f"`mtrank {cmd}` in: {line.strip()}"
             for target in re.findall(r"(?:^|[\s;&|])make ([a-z][a-z-]*)", line):
                 assert target in targets, f"`make {target}` in: {line.strip()}"

@@ -33,6 +33,7 @@ SERVICE_METRICS: Mapping[str, str] = {
     "mtrank_rule_effects_total": "counter",
     "mtrank_model_info": "gauge",
     "mtrank_model_reloads_total": "counter",
+    "mtrank_recall_reloads_total": "counter",
     "mtrank_errors_total": "counter",
     "mtrank_feature_store_up": "gauge",
     "mtrank_feature_snapshot_age_seconds": "gauge",

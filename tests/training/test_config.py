@@ -26,9 +26,13 @@ def absolute_dataset() -> str:
 
 
 def test_shipped_configs_load() -> None:
+    from training.recall.config import load_recall_config
+
     for path in sorted(CONFIGS.glob("*.yaml")):
         if path.name.endswith(".dataset.yaml"):
             load_dataset_spec(path)
+        elif path.name.startswith("recall_"):
+            load_recall_config(path)
         elif path.name != "tune_fusion.yaml":
             load_train_config(path)
 

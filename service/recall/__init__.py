@@ -1,0 +1,1 @@
+"""The recall stage, online: candidate retrieval from the ANN index the training side built."""

@@ -1,0 +1,87 @@
+"""``/recall`` and ``/recommend`` bodies: the recall stage, then (for /recommend) the ranker.
+
+``/recommend`` recalls the scene's ``recall.k`` candidates (service/ranking_config.py; capped at
+``MTRANK_MAX_CANDIDATES``) and hands them to :class:`service.pipeline.Ranker` unchanged, as a
+``/rank`` request would: features, models, fusion, rules, exposure reservation and ``explain``
+are the ranking path's own. Each returned item then gains its recall score and source, and the
+recall stage's ``degraded`` reasons come first in the response's list.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from service.metrics import Metrics
+from service.pipeline import Ranker
+from service.recall.request import RecallQuery
+from service.recall.stage import Recalled, Recaller
+from service.request import RankQuery
+from service.serving_state import ServingState
+
+
+def _model_ref(recalled: Recalled) -> dict[str, str]:
+    mv = recalled.model.model
+    return {"name": mv.name, "version": mv.version}
+
+
+def _recall_info(recalled: Recalled) -> dict[str, tuple[float | None, str]]:
+    """item id (text, as /rank names items) -> (recall score or None, source)."""
+    scores = recalled.scores.tolist()
+    return {
+        str(i): (None if s != s else float(s), recalled.source)  # NaN (popularity) -> None
+        for i, s in zip(recalled.item_ids.tolist(), scores, strict=True)
+    }
+
+
+class Recommender:
+    """The two recall routes over one :class:`Recaller` and the ranking path's :class:`Ranker`."""
+
+    def __init__(
+        self, recaller: Recaller, ranker: Ranker, state: ServingState, metrics: Metrics
+    ) -> None:
+        self.recaller = recaller
+        self.ranker = ranker
+        self.state = state
+        self.metrics = metrics
+
+    def _count(self, degraded: list[str]) -> None:
+        for reason in degraded:
+            self.metrics.degraded.labels(reason=reason).inc()
+
+    async def recall(self, query: RecallQuery) -> dict[str, Any]:
+        """The ``POST /recall`` body: items best first, with score and source."""
+        recalled = await self.recaller.recall(query.user_id, query.k, query.exclude, query.allow)
+        self._count(recalled.degraded)
+        info = _recall_info(recalled)
+        return {
+            "request_id": uuid.uuid4().hex,
+            "model": _model_ref(recalled),
+            "items": [{"item_id": i, "score": s, "source": src} for i, (s, src) in info.items()],
+            "degraded": recalled.degraded,
+        }
+
+    async def recommend(self, query: RecallQuery) -> dict[str, Any]:
+        """The ``POST /recommend`` body: the /rank body of the recalled candidates, annotated."""
+        served = self.state.served()
+        k = min(served.ranking.recall_k(query.scene), served.limits.max_candidates)
+        recalled = await self.recaller.recall(query.user_id, k, query.exclude, query.allow)
+        self._count(recalled.degraded)
+        info = _recall_info(recalled)
+        if not info:  # the filters left nothing to rank
+            versions = served.bundle.versions
+            refs = [{"name": n, "version": v} for n, v in versions.items()]
+            body: dict[str, Any] = {"request_id": uuid.uuid4().hex, "model": refs[0],
+                                    "models": refs, "items": [], "degraded": []}  # fmt: skip
+        else:
+            body = await self.ranker.rank(
+                RankQuery(
+                    query.user_id, list(info), query.size, query.scene, query.context, query.explain
+                )  # fmt: skip
+            )
+        for entry in [*body["items"], *(body.get("dropped") or [])]:
+            score, source = info[entry["item_id"]]
+            entry["recall_score"], entry["source"] = score, source
+        body["recall_model"] = _model_ref(recalled)
+        body["degraded"] = [*recalled.degraded, *body["degraded"]]
+        return body

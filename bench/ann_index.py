@@ -23,6 +23,14 @@ faiss, by over-fetching and dropping afterwards.
 
     nice -n 10 .venv/bin/python -m bench.ann_index            # about 15 min on the shared machine
     .venv/bin/python -m bench.ann_index --quick               # small sizes, < 1 min smoke test
+
+The full stage's HNSW build is set with ``--hnsw-m`` / ``--hnsw-ef-construction`` and its query
+sweep with ``--hnsw-ef-search``. ``--hnsw-only`` runs that one build and nothing else (no sweep,
+no exact, hnswlib or IVF rows, no filters; the exact ground truth is still computed) and writes
+``ann_index_hnsw_m{M}_efc{efConstruction}.json``, so the full run's file stays::
+
+    nice -n 10 .venv/bin/python -m bench.ann_index --hnsw-only --hnsw-m 32 \
+        --hnsw-ef-construction 100 --hnsw-ef-search 128 160 192 224 256 384 512
 """
 
 from __future__ import annotations
@@ -408,13 +416,20 @@ def measure_filters(
 
 
 # ------------------------------------------------------------------ the plan
-def plans(quick: bool) -> tuple[list[Any], list[Any]]:
+def plans(
+    quick: bool, hnsw_build: dict[str, int], hnsw_ef_search: list[int], hnsw_only: bool
+) -> tuple[list[Any], list[Any]]:
     """(sweep, full): (method, build params, [query params], measure filters?) per build.
 
     hnswlib is measured at the sweep size only: a 1M hnswlib build costs about 15 min of this
-    shared machine, and the sweep already shows where it stands (docs/recall_index.md).
+    shared machine, and the sweep already shows where it stands (docs/recall_index.md). The full
+    stage's faiss HNSW build is ``hnsw_build`` queried at ``hnsw_ef_search``; with ``hnsw_only``
+    it is the whole plan, unfiltered (a 1M build with a wide efConstruction fills the time).
     """
     hnsw_q = [{"efSearch": e} for e in (128, 256, 512)]
+    full_hnsw = ("faiss-hnsw", hnsw_build, [{"efSearch": e} for e in hnsw_ef_search])
+    if hnsw_only:
+        return [], [(*full_hnsw, False)]
     hnswlib_q = [{"ef": e} for e in (128, 256, 512)]
     sweep = [
         ("faiss-hnsw", {"M": 16, "efConstruction": 80}, hnsw_q, False),
@@ -425,7 +440,7 @@ def plans(quick: bool) -> tuple[list[Any], list[Any]]:
     ]
     full = [
         ("faiss-flat", {}, [{}], False),
-        ("faiss-hnsw", {"M": 32, "efConstruction": 40}, hnsw_q, True),
+        (*full_hnsw, True),
         ("faiss-ivf-flat", {"nlist": 1024}, [{"nprobe": p} for p in (16, 32, 64)], True),
     ]
     if quick:
@@ -503,18 +518,32 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--skip-sweep", action="store_true")
     p.add_argument("--adapter-only", action="store_true", help="only the service adapter row")
+    p.add_argument("--hnsw-m", type=int, default=32, help="full stage: faiss HNSW M")
+    p.add_argument(
+        "--hnsw-ef-construction", type=int, default=40, help="full stage: faiss HNSW efConstruction"
+    )
+    p.add_argument(
+        "--hnsw-ef-search", type=int, nargs="+", default=[128, 256, 512],
+        help="full stage: faiss HNSW efSearch values (filters at the middle one)",
+    )  # fmt: skip
+    p.add_argument(
+        "--hnsw-only", action="store_true",
+        help="only the full stage's faiss HNSW build, unfiltered, to its own results file",
+    )  # fmt: skip
     args = p.parse_args(argv_of(argv))
+    load_at_start = [round(x, 2) for x in os.getloadavg()]
+    hnsw_build = {"M": args.hnsw_m, "efConstruction": args.hnsw_ef_construction}
     if args.quick:
         args.n, args.sweep_n, args.queries, args.timed, args.filter_queries = (
             50_000, 20_000, 200, 200, 100,
         )  # fmt: skip
     started = time.perf_counter()
-    sweep_plan, full_plan = plans(args.quick)
+    sweep_plan, full_plan = plans(args.quick, hnsw_build, args.hnsw_ef_search, args.hnsw_only)
     rows: list[dict[str, Any]] = []
     if args.adapter_only:
         rows += adapter_stage(args.n, args)
     else:
-        if not args.skip_sweep:
+        if sweep_plan and not args.skip_sweep:
             rows += run_stage(sweep_plan, args.sweep_n, "sweep", args)
         rows += run_stage(full_plan, args.n, "full", args)
 
@@ -532,20 +561,29 @@ def main(argv: list[str] | None = None) -> None:
          r["recall_at_100"], r["violations"], r["p50_ms"], r["p99_ms"]]
         for r in rows if "filter" in r
     ]  # fmt: skip
-    print(format_table(["stage", "method", "query", "filter", "how", "recall@100", "violations",
-                        "p50 ms", "p99 ms"], ftable))  # fmt: skip
+    if ftable:
+        print(format_table(["stage", "method", "query", "filter", "how", "recall@100",
+                            "violations", "p50 ms", "p99 ms"], ftable))  # fmt: skip
 
     import faiss
     import hnswlib
 
-    json_path, _ = output_paths("ann_index_adapter" if args.adapter_only else "ann_index", args)
+    if args.adapter_only:
+        name = "ann_index_adapter"
+    elif args.hnsw_only:
+        name = f"ann_index_hnsw_m{args.hnsw_m}_efc{args.hnsw_ef_construction}"
+    else:
+        name = "ann_index"
+    json_path, _ = output_paths(name, args)
     payload = {
         "settings": {
             "dim": D, "k": K, "clusters": N_CLUSTERS, "noise": NOISE, "n": args.n,
             "sweep_n": args.sweep_n, "queries": args.queries, "timed": args.timed,
             "filter_queries": args.filter_queries, "excluded_per_query": N_EXCLUDE,
             "categories": N_CATEGORIES, "build_threads": args.build_threads,
-            "query_threads": 1, "seed": args.seed,
+            "query_threads": 1, "seed": args.seed, "hnsw_build": hnsw_build,
+            "hnsw_ef_search": args.hnsw_ef_search, "hnsw_only": args.hnsw_only,
+            "load_average_at_start": load_at_start,
             "faiss": faiss.__version__, "hnswlib": getattr(hnswlib, "__version__", "0.8.0"),
         },
         "rows": rows,

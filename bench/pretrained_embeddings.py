@@ -6,7 +6,13 @@ one generated data set, with the ``item_id`` rows started three ways:
 - ``random``: the default start;
 - ``item2vec``: skip-gram vectors over the train split's click histories (``mtrank item2vec``),
   fine-tuned;
-- ``item2vec_frozen``: the same vectors, kept as loaded.
+- ``item2vec_frozen``: the same vectors, kept as loaded;
+- ``item2vec_scaled``: the same vectors rescaled to the random start's RMS (``scale: init``),
+  fine-tuned.
+
+``--personalization P`` generates the world with that share of impressions drawn from the users'
+taste (training/synthetic.py): with P = 0 exposure follows popularity alone and co-clicks say
+little about items.
 
 Reported per variant over seeds (model seed s on the same data): test CTR and CVR AUC over all
 test impressions, and over the impressions of **rare items** (fewer than ``RARE`` train impressions,
@@ -47,7 +53,7 @@ NAME = "pretrained_embeddings"
 RARE = 10  # train impressions below which an item is rare
 DATA_SEED = 0
 SESSION_GAP = 30 * 86400
-VARIANTS = ("random", "item2vec", "item2vec_frozen")
+VARIANTS = ("random", "item2vec", "item2vec_frozen", "item2vec_scaled")
 
 
 @dataclass(frozen=True)
@@ -56,28 +62,30 @@ class Job:
     variant: str
     impressions: int
     epochs: int
+    personalization: float = 0.0
 
     def __str__(self) -> str:
         return f"seed={self.seed} {self.variant}"
 
 
-def data_dir(impressions: int) -> Path:
-    return DATA / f"ecommerce_n{impressions}_seed{DATA_SEED}"
+def data_dir(impressions: int, personalization: float = 0.0) -> Path:
+    knob = "" if personalization == 0.0 else f"_p{personalization:g}"
+    return DATA / f"ecommerce_n{impressions}_seed{DATA_SEED}{knob}"
 
 
-def vectors_path(impressions: int) -> Path:
-    return data_dir(impressions) / "item2vec_item_id.npz"
+def vectors_path(impressions: int, personalization: float = 0.0) -> Path:
+    return data_dir(impressions, personalization) / "item2vec_item_id.npz"
 
 
-def dataset(impressions: int) -> Any:
+def dataset(impressions: int, personalization: float = 0.0) -> Any:
     from training.config import load_dataset_spec
 
     ds = load_dataset_spec(CONFIGS / "ecommerce.dataset.yaml")
-    out = data_dir(impressions)
+    out = data_dir(impressions, personalization)
     return ds.model_copy(update={s: str(out / f"{s}.parquet") for s in ("train", "valid", "test")})
 
 
-def prepare_data(impressions: int) -> dict[str, Any]:
+def prepare_data(impressions: int, personalization: float = 0.0) -> dict[str, Any]:
     """Generate and encode the data, and train the item2vec vectors once (seed 0)."""
     import json
 
@@ -85,16 +93,16 @@ def prepare_data(impressions: int) -> dict[str, Any]:
     from training.recall.item2vec import Item2VecConfig, save, train_item2vec
     from training.synthetic import generate_ecommerce
 
-    out = data_dir(impressions)
+    out = data_dir(impressions, personalization)
     if not (out / "meta.json").is_file():
-        generate_ecommerce(out, impressions, DATA_SEED)
-    prepare(dataset(impressions), DATA / ".cache")
+        generate_ecommerce(out, impressions, DATA_SEED, personalization=personalization)
+    prepare(dataset(impressions, personalization), DATA / ".cache")
     started = time.perf_counter()
-    if not vectors_path(impressions).is_file():
+    if not vectors_path(impressions, personalization).is_file():
         ids, vectors = train_item2vec(
             out / "train.parquet", Item2VecConfig(dim=16, session_gap=SESSION_GAP)
         )
-        save(ids, vectors, vectors_path(impressions))
+        save(ids, vectors, vectors_path(impressions, personalization))
     meta: dict[str, Any] = json.loads((out / "meta.json").read_text())
     meta["item2vec_seconds"] = time.perf_counter() - started
     return meta
@@ -109,11 +117,17 @@ def run_one(job: Job) -> dict[str, Any]:
     from training.metrics import auc
     from training.train import train
 
-    ds = dataset(job.impressions)
+    ds = dataset(job.impressions, job.personalization)
     init = {}
     if job.variant != "random":
-        path = str(vectors_path(job.impressions))
-        init = {"item_id": {"path": path, "freeze": job.variant.endswith("frozen")}}
+        path = str(vectors_path(job.impressions, job.personalization))
+        init = {
+            "item_id": {
+                "path": path,
+                "freeze": job.variant.endswith("frozen"),
+                "scale": "init" if job.variant.endswith("scaled") else "as_is",
+            }
+        }
     cfg = make_config(
         CONFIGS / "ecommerce_mmoe.yaml",
         ds,
@@ -168,13 +182,15 @@ def main(argv: list[str] | None = None) -> int:
     p = base_parser(__doc__.split("\n")[0], seeds=3)
     p.add_argument("--impressions", type=int, default=1_000_000)
     p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--personalization", type=float, default=0.0, help="the generator's knob")
     args = p.parse_args(argv)
     started = time.perf_counter()
     impressions = 50_000 if args.quick else args.impressions
     epochs = 1 if args.quick else args.epochs
     print(f"{NAME}: data and item2vec vectors for {impressions:,} impressions", flush=True)
-    meta = prepare_data(impressions)
-    jobs = [Job(s, v, impressions, epochs) for s in range(args.seeds) for v in VARIANTS]
+    p13n = args.personalization
+    meta = prepare_data(impressions, p13n)
+    jobs = [Job(s, v, impressions, epochs, p13n) for s in range(args.seeds) for v in VARIANTS]
     print(f"{NAME}: {len(jobs)} training runs on {args.workers} workers", flush=True)
     runs = run_jobs(run_one, jobs, args.workers)
     keys = [k for k in runs[0]["test"] if not k.startswith("rows_")]
@@ -183,8 +199,10 @@ def main(argv: list[str] | None = None) -> int:
         mine = [r for r in runs if r["variant"] == v]
         rows.append({"variant": v} | {k: summarise([r["test"][k] for r in mine]) for k in keys})
     suffix = "" if impressions == 1_000_000 or args.quick else f"_n{impressions}"
+    suffix += "" if p13n == 0.0 else f"_p{p13n:g}"
     json_path, _ = output_paths(NAME + suffix, args)
     settings = {"impressions": impressions, "epochs": epochs, "rare_below": RARE}
+    settings |= {"personalization": p13n}
     settings |= {"session_gap": SESSION_GAP, "seeds": list(range(args.seeds)), "data": meta}
     settings |= {"rows": {g: runs[0]["test"][f"rows_{g}"] for g in ("all", "rare", "known_rare")}}
     write_result(

@@ -189,6 +189,11 @@ class PretrainedEmbedding(_Strict):
 
     path: str = Field(description=".npz with ids and vectors, or a recall export directory")
     freeze: bool = Field(False, description="keep the loaded rows as loaded; false: fine-tune")
+    scale: Literal["as_is", "init"] = Field(
+        "as_is",
+        description="as_is: the vectors as stored; init: rescaled to the random start's "
+        "root-mean-square (directions kept), so they enter at the scale of the other rows",
+    )
 
     @model_validator(mode="before")
     @classmethod

@@ -22,6 +22,9 @@ Rows of ids the file does not know keep their random start. The field's OOV row 
 of the loaded vectors (the average known item: what a new item is most like). With ``freeze`` the
 loaded rows are put back after every optimiser step, whatever the optimiser (weight decay and Adam
 moments included), so they stay exactly as loaded; the other rows of the field still learn.
+``scale: init`` rescales the loaded vectors to the random start's root-mean-square (directions
+kept): skip-gram vectors are several times larger than the other rows at the start, and would
+otherwise dominate the first steps.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ from torch import Tensor
 from mtrank.spec import OOV_INDEX, FeatureSpec
 from training.config import ConfigError, PretrainedEmbedding
 from training.models.base import MultiTaskModel
-from training.models.layers import InputLayer
+from training.models.layers import INIT_STD, InputLayer
 
 
 def read_vectors(path: Path | str) -> tuple[list[str], np.ndarray]:
@@ -119,6 +122,9 @@ def init_embeddings(
                 f"model.init_embeddings.{name}: no id of {setting.path} is in the vocab"
             )
         vocab_rows, values = index[hit], torch.from_numpy(vectors[hit])  # (K,), (K, E)
+        if setting.scale == "init":  # the random start's RMS (InputLayer: normal, std 0.05)
+            rms = values.pow(2).mean().sqrt().clamp_min(1e-12)
+            values = values * (INIT_STD / rms)
         oov_value = values.mean(dim=0, keepdim=True)  # (1, E)
         start = int(layer_offset(spec, name))
         rows = torch.from_numpy(vocab_rows + start)  # (K,) rows of the shared table

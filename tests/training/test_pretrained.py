@@ -10,6 +10,7 @@ import torch
 import yaml
 
 from training.config import ConfigError, ModelConfig, PretrainedEmbedding, load_train_config
+from training.models.layers import INIT_STD
 from training.pretrained import init_embeddings, layer_offset, read_vectors
 from training.train import train
 
@@ -109,3 +110,18 @@ def test_config_takes_a_bare_path_relative_to_the_file(tmp_path: Path) -> None:
     path.write_text(yaml.safe_dump(body))
     got = load_train_config(path).model.init_embeddings["item_id"]
     assert got == PretrainedEmbedding(path=str(tmp_path / "vectors/item.npz"), freeze=False)
+
+
+def test_scale_init_keeps_directions_at_the_random_start_rms(tmp_path: Path) -> None:
+    ids = [f"i{k}" for k in range(9)]
+    vectors = 3.0 * write_npz(tmp_path / "v.npz", ids)  # far larger than the random start
+    np.savez(tmp_path / "v.npz", ids=np.asarray(ids), vectors=vectors)
+    model = build("shared_bottom")
+    setting = PretrainedEmbedding(path=str(tmp_path / "v.npz"), scale="init")
+    init_embeddings(model, SPEC, {"item": setting})
+    table = model.bottom.inputs.table.weight  # type: ignore[union-attr]
+    start = layer_offset(SPEC, "item")
+    rows = table[[start + SPEC.sparse[1].index[i] for i in ids]].detach()
+    assert float(rows.pow(2).mean().sqrt()) == pytest.approx(INIT_STD, rel=1e-5)
+    cos = torch.nn.functional.cosine_similarity(rows, torch.from_numpy(vectors), dim=1)
+    torch.testing.assert_close(cos, torch.ones(9), rtol=0, atol=1e-5)

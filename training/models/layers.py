@@ -18,6 +18,9 @@ from torch import Tensor, nn
 from mtrank.spec import OOV_INDEX, FeatureSpec
 
 
+INIT_STD = 0.05  # the embedding rows' random start
+
+
 class InputLayer(nn.Module):
     """Embeds the sparse ids and concatenates the normalised dense values.
 
@@ -44,7 +47,7 @@ class InputLayer(nn.Module):
         self.register_buffer("offsets", torch.tensor(starts, dtype=torch.int64))  # (S,)
         self.register_buffer("sizes", torch.tensor(sizes, dtype=torch.int64))  # (S,)
         self.table = nn.Embedding(max(sum(sizes), 1), embed_dim)
-        nn.init.normal_(self.table.weight, std=0.05)
+        nn.init.normal_(self.table.weight, std=INIT_STD)
         self.out_dim = self.n_sparse * embed_dim + self.n_dense
         if self.out_dim == 0:
             raise ValueError("the feature spec has no sparse and no dense fields")

@@ -506,6 +506,68 @@ def adapter_stage(n: int, args: Any) -> list[dict[str, Any]]:
     return [row]
 
 
+CROSSOVER_K = 500  # /recommend's default recall k
+CROSSOVER_SEEN = 8  # items the user has seen, excluded in the query as the service does
+EVICT_BYTES = 32 << 20  # written between queries: the ranker's inference does the same to caches
+
+
+def crossover_stage(sizes: list[int], args: Any) -> list[dict[str, Any]]:
+    """Exact (flat) against HNSW through the service's RecallIndex at small catalogues.
+
+    Each query is timed twice: back to back ("warm": the index stays in the core's caches) and
+    right after writing EVICT_BYTES ("cold": as in a /recommend request, where the ranker's
+    inference of hundreds of candidates runs between two recall queries and evicts the index).
+    HNSW pays a beam of at least k=500 nodes per query whatever the catalogue size; an exact
+    scan pays the whole catalogue once, in one GEMV: below some size the scan wins, and
+    ``publish-recall --index auto`` picks flat up to AUTO_FLAT_MAX_ITEMS
+    (training/recall/publish.py).
+    """
+    from mtrank.recall_index import FlatParams, HnswParams
+    from service.recall.index import RecallIndex
+    from training.recall.index_build import build_index
+
+    scratch = np.zeros(EVICT_BYTES // 8)
+    rows: list[dict[str, Any]] = []
+    for n in sizes:
+        items, queries = make_data(n, args.filter_queries, args.seed)
+        ids = np.arange(-1, n, dtype=np.int64)  # row 0 is OOV, label j is item j
+        emb = np.vstack([np.zeros((1, D), np.float32), items])
+        rng = np.random.default_rng(args.seed + 3)
+        seen = [np.unique(rng.integers(0, n, CROSSOVER_SEEN)) for _ in range(len(queries))]
+        truth = exact_topk(items, queries, CROSSOVER_K)
+        for kind, params in (("flat", FlatParams()), ("hnsw", HnswParams())):
+            with tempfile.TemporaryDirectory(prefix="ann-crossover-") as tmp:
+                t0 = time.perf_counter()
+                build_index(emb, ids, Path(tmp) / "idx", params=params, threads=args.build_threads)
+                build_s = time.perf_counter() - t0
+                index = RecallIndex.load(Path(tmp) / "idx")
+
+            def one(
+                i: int, index: Any = index, queries: np.ndarray = queries, seen: Any = seen
+            ) -> np.ndarray:
+                return index.search(queries[i : i + 1], CROSSOVER_K, exclude=[seen[i]])[0]
+
+            found = np.vstack([one(i) for i in range(len(queries))])
+            want = [t[~np.isin(t, s)] for t, s in zip(truth, seen, strict=True)]
+            warm_lat = latency_ms(one, len(queries))
+            times = np.empty(len(queries))
+            for i in range(len(queries)):
+                scratch.fill(i)
+                t1 = time.perf_counter()
+                one(i)
+                times[i] = time.perf_counter() - t1
+            row = {"stage": "crossover", "method": f"RecallIndex {kind}", "n_items": n,
+                   "build_params": params.model_dump(mode="json"), "k": CROSSOVER_K,
+                   "seen_excluded": CROSSOVER_SEEN, "build_s": round(build_s, 3),
+                   "recall_at_500": recall_at(found, want),  # type: ignore[arg-type]
+                   "warm_p50_ms": warm_lat["p50_ms"], "warm_p99_ms": warm_lat["p99_ms"],
+                   "cold_p50_ms": float(np.percentile(times, 50) * 1e3),
+                   "cold_p99_ms": float(np.percentile(times, 99) * 1e3)}  # fmt: skip
+            print({k: v for k, v in row.items() if k != "build_params"}, flush=True)
+            rows.append(row)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> None:
     p = base_parser(__doc__.split("\n")[0], seeds=1)
     p.add_argument("--n", type=int, default=1_000_000, help="items in the full stage")
@@ -518,6 +580,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--skip-sweep", action="store_true")
     p.add_argument("--adapter-only", action="store_true", help="only the service adapter row")
+    p.add_argument(
+        "--crossover", type=int, nargs="+", default=None, metavar="N",
+        help="only flat against HNSW at these catalogue sizes, k=500, warm and cold caches",
+    )  # fmt: skip
     p.add_argument("--hnsw-m", type=int, default=32, help="full stage: faiss HNSW M")
     p.add_argument(
         "--hnsw-ef-construction", type=int, default=40, help="full stage: faiss HNSW efConstruction"
@@ -540,6 +606,20 @@ def main(argv: list[str] | None = None) -> None:
     started = time.perf_counter()
     sweep_plan, full_plan = plans(args.quick, hnsw_build, args.hnsw_ef_search, args.hnsw_only)
     rows: list[dict[str, Any]] = []
+    if args.crossover:
+        rows = crossover_stage(args.crossover, args)
+        headers = ["catalogue", "index", "recall@500", "warm p50 ms", "cold p50 ms",
+                   "cold p99 ms", "build s"]  # fmt: skip
+        print(format_table(headers, [
+            [r["n_items"], r["method"], r["recall_at_500"], r["warm_p50_ms"], r["cold_p50_ms"],
+             r["cold_p99_ms"], r["build_s"]] for r in rows]))  # fmt: skip
+        json_path, _ = output_paths("ann_index_crossover", args)
+        payload = {"settings": {"dim": D, "k": CROSSOVER_K, "seen": CROSSOVER_SEEN,
+                                "evict_bytes": EVICT_BYTES, "queries": args.filter_queries,
+                                "seed": args.seed, "load_average_at_start": load_at_start},
+                   "rows": rows}  # fmt: skip
+        print("wrote", write_result(json_path, "ann_index", argv_of(argv), started, payload))
+        return
     if args.adapter_only:
         rows += adapter_stage(args.n, args)
     else:

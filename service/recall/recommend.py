@@ -25,13 +25,28 @@ def _model_ref(recalled: Recalled) -> dict[str, str]:
     return {"name": mv.name, "version": mv.version}
 
 
-def _recall_info(recalled: Recalled) -> dict[str, tuple[float | None, str]]:
-    """item id (text, as /rank names items) -> (recall score or None, source)."""
-    scores = recalled.scores.tolist()
-    return {
-        str(i): (None if s != s else float(s), recalled.source)  # NaN (popularity) -> None
-        for i, s in zip(recalled.item_ids.tolist(), scores, strict=True)
-    }
+class _RecallInfo:
+    """Each recalled item's recall score and source, by the item id text /rank names it with.
+
+    Built per request over K (500) items, read back for the ~20 returned: the id -> position
+    table is one ``dict(zip(...))`` and the scores stay an array until an item is annotated.
+    """
+
+    def __init__(self, recalled: Recalled) -> None:
+        self.ids = list(map(str, recalled.item_ids.tolist()))
+        self._pos = dict(zip(self.ids, range(len(self.ids)), strict=True))
+        self._scores = recalled.scores
+        self.source = recalled.source
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def score(self, item_id: str) -> float | None:
+        s = float(self._scores[self._pos[item_id]])
+        return None if s != s else s  # NaN (popularity) -> None
+
+    def items(self) -> list[dict[str, Any]]:
+        return [{"item_id": i, "score": self.score(i), "source": self.source} for i in self.ids]
 
 
 class Recommender:
@@ -53,11 +68,10 @@ class Recommender:
         """The ``POST /recall`` body: items best first, with score and source."""
         recalled = await self.recaller.recall(query.user_id, query.k, query.exclude, query.allow)
         self._count(recalled.degraded)
-        info = _recall_info(recalled)
         return {
             "request_id": uuid.uuid4().hex,
             "model": _model_ref(recalled),
-            "items": [{"item_id": i, "score": s, "source": src} for i, (s, src) in info.items()],
+            "items": _RecallInfo(recalled).items(),
             "degraded": recalled.degraded,
         }
 
@@ -67,7 +81,7 @@ class Recommender:
         k = min(served.ranking.recall_k(query.scene), served.limits.max_candidates)
         recalled = await self.recaller.recall(query.user_id, k, query.exclude, query.allow)
         self._count(recalled.degraded)
-        info = _recall_info(recalled)
+        info = _RecallInfo(recalled)
         if not info:  # the filters left nothing to rank
             versions = served.bundle.versions
             refs = [{"name": n, "version": v} for n, v in versions.items()]
@@ -76,12 +90,11 @@ class Recommender:
         else:
             body = await self.ranker.rank(
                 RankQuery(
-                    query.user_id, list(info), query.size, query.scene, query.context, query.explain
+                    query.user_id, info.ids, query.size, query.scene, query.context, query.explain
                 )  # fmt: skip
             )
         for entry in [*body["items"], *(body.get("dropped") or [])]:
-            score, source = info[entry["item_id"]]
-            entry["recall_score"], entry["source"] = score, source
+            entry["recall_score"], entry["source"] = info.score(entry["item_id"]), info.source
         body["recall_model"] = _model_ref(recalled)
         body["degraded"] = [*recalled.degraded, *body["degraded"]]
         return body

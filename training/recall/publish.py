@@ -1,12 +1,17 @@
 """Publish a recall checkpoint into the model registry as one servable version.
 
-    mtrank publish-recall CHECKPOINT --registry models --name NAME [--index flat|hnsw] [--promote]
+    mtrank publish-recall CHECKPOINT --registry models --name NAME [--index auto|flat|hnsw]
+                          [--promote]
 
     checkpoint -> export_recall (user tower, parity-gated)  -> user_tower.onnx, recall_spec.json
                -> build_index (item embeddings)             -> index/
                -> the catalog's train clicks                 -> popularity.npy
                -> the catalog's category column              -> item_categories.npy
                -> metadata.json ("kind": "recall", sha256 of every file) -> registry.publish
+
+``--index auto`` (the default) builds an exact flat index up to AUTO_FLAT_MAX_ITEMS items and an
+HNSW graph above: at k=500 an exact numpy scan is faster than the graph's beam up to 50k items,
+and exact (``python -m bench.ann_index --crossover ...``, docs/recall_index.md).
 
 Layout and checksums: :mod:`mtrank.recall_artefact`. Everything is assembled in the registry's
 hidden staging directory and renamed into place, so the service's watcher sees a whole version or
@@ -45,7 +50,7 @@ from training.recall.export import (
     RecallExportError,
     export_recall,
 )
-from training.recall.index_build import build_index
+from training.recall.index_build import build_index, indexable_rows
 
 CATEGORY_FIELD = "category"
 
@@ -77,11 +82,22 @@ def item_categories(catalog: Catalog, spec: RecallSpec, raw_ids: np.ndarray) -> 
     return out
 
 
+IndexChoice = Literal["auto", "flat", "hnsw"]
+AUTO_FLAT_MAX_ITEMS = 50_000  # measured crossover at k=500 (module docstring)
+
+
+def choose_index(choice: IndexChoice, count: int) -> IndexParams:
+    """The index parameters for ``count`` items: ``auto`` is flat up to AUTO_FLAT_MAX_ITEMS."""
+    if choice == "auto":
+        choice = "flat" if count <= AUTO_FLAT_MAX_ITEMS else "hnsw"
+    return FlatParams() if choice == "flat" else HnswParams()
+
+
 def publish_recall(
     checkpoint: Path,
     registry_root: Path,
     name: str,
-    index: Literal["flat", "hnsw"] = "hnsw",
+    index: IndexChoice = "auto",
     promote: bool = False,
     parity_rows: int = 1024,
 ) -> ModelVersion:
@@ -94,9 +110,9 @@ def publish_recall(
         export = export_recall(checkpoint, staging / "export", parity_rows=parity_rows)
         for f in (USER_TOWER_FILE, RECALL_SPEC_FILE):
             (export / f).rename(staging / f)
-        params: IndexParams = FlatParams() if index == "flat" else HnswParams()
         metric: Metric = "ip"  # dot and cosine (unit vectors) alike: mtrank.recall_index
         emb, ids = np.load(export / ITEM_EMBEDDINGS_FILE), np.load(export / ITEM_IDS_FILE)
+        params = choose_index(index, len(indexable_rows(emb, ids)))
         index_meta = build_index(emb, ids, staging / INDEX_DIR, metric=metric, params=params)
         np.save(staging / POPULARITY_FILE, popularity(catalog))
         labels = np.load(staging / INDEX_DIR / INDEX_IDS_FILE)
@@ -123,8 +139,9 @@ def main(argv: list[str]) -> int:
     p.add_argument("checkpoint", type=Path, help="a recall checkpoint (mtrank train-recall)")
     p.add_argument("--registry", type=Path, default=Path("models"), help="registry root")
     p.add_argument("--name", required=True, help="the recall model's name (MTRANK_RECALL_MODEL)")
-    p.add_argument("--index", choices=["flat", "hnsw"], default="hnsw",
-                   help="flat: exact (up to ~100k items); hnsw: graph (default)")  # fmt: skip
+    p.add_argument("--index", choices=["auto", "flat", "hnsw"], default="auto",
+                   help=f"flat: exact; hnsw: graph; auto (default): flat up to "
+                        f"{AUTO_FLAT_MAX_ITEMS:,} items, else hnsw")  # fmt: skip
     p.add_argument("--promote", action="store_true", help="point NAME/current at the new version")
     args = p.parse_args(argv)
     try:
@@ -134,9 +151,10 @@ def main(argv: list[str]) -> int:
         return 1
     meta = mv.metadata()
     state = "promoted to current" if args.promote else "not promoted"
+    index = meta["index"]
     print(
-        f"published {mv.name}/{mv.version} ({meta['model_type']}, {args.index} index of "
-        f"{meta['index']['count']} items, {meta['popular_items']} popular items): {state}"
+        f"published {mv.name}/{mv.version} ({meta['model_type']}, {index['params']['kind']} index "
+        f"of {index['count']} items, {meta['popular_items']} popular items): {state}"
     )
     return 0
 

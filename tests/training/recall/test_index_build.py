@@ -127,3 +127,12 @@ def test_nan_in_row_zero_or_a_skipped_row_does_not_matter(tmp_path: Path) -> Non
     ids[4] = NOT_AN_ITEM
     emb[4] = np.nan
     assert build_index(emb, ids, tmp_path / "idx", params=FlatParams()).count == 9
+
+
+def test_auto_builds_flat_up_to_the_measured_crossover_and_hnsw_above() -> None:
+    from training.recall.publish import AUTO_FLAT_MAX_ITEMS, choose_index
+
+    assert choose_index("auto", AUTO_FLAT_MAX_ITEMS).kind == "flat"
+    assert choose_index("auto", AUTO_FLAT_MAX_ITEMS + 1).kind == "hnsw"
+    assert choose_index("hnsw", 10).kind == "hnsw"  # an explicit choice is kept
+    assert choose_index("flat", 10 * AUTO_FLAT_MAX_ITEMS).kind == "flat"

@@ -45,12 +45,20 @@ import tokenize
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import yaml
 from numpy.typing import NDArray
-from pydantic import BaseModel, ConfigDict, Field, FiniteFloat, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    FiniteFloat,
+    Tag,
+    field_validator,
+)
 
 from mtrank.attributes import ITEM_ATTRIBUTES
 from mtrank.yamlio import KeyedError, load_yaml_model
@@ -463,6 +471,7 @@ class FusionConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    type: Literal["formula"] = "formula"  # beside ModelFusion's "model" in a ranking config
     formula: str = Field(description="fused score over model outputs, attributes and params")
     params: dict[str, FiniteFloat] = Field(default_factory=dict)
 
@@ -495,6 +504,37 @@ def load_fusion_file(path: str | os.PathLike[str]) -> FusionConfig:
         Path(path), FusionConfig, FusionError, "fusion file",
         "a fusion file is a mapping with keys formula and params",
     )  # fmt: skip
+
+
+MODEL_REF = r"^[A-Za-z0-9][A-Za-z0-9_.-]*(@[A-Za-z0-9][A-Za-z0-9_.-]*)?$"
+
+
+class ModelFusion(BaseModel):
+    """A learned fusion: an LTR version of the registry scores the same env a formula reads.
+
+    ``model`` is ``NAME`` (the version ``current`` names when the ranking config is loaded, and
+    again whenever it changes) or ``NAME@VERSION`` (pinned). The service side is
+    service/fusion_model.py; training/ltr writes the versions.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    type: Literal["model"]
+    model: str = Field(pattern=MODEL_REF, description="LTR version: NAME or NAME@VERSION")
+
+
+def _fusion_type(value: Any) -> str:
+    # tags in <>: yamlio leaves them out of the key path an error names
+    if isinstance(value, dict):
+        return f"<{value.get('type', 'formula')}>"  # a formula needs no ``type`` (older files)
+    return f"<{getattr(value, 'type', 'formula')}>"
+
+
+# What a scene, an arm or a shadow may name as its fusion: ``type`` tells the two apart.
+FusionSpec = Annotated[
+    Annotated[FusionConfig, Tag("<formula>")] | Annotated[ModelFusion, Tag("<model>")],
+    Discriminator(_fusion_type),
+]
 
 
 def save_fusion_file(config: FusionConfig, path: str | os.PathLike[str]) -> Path:

@@ -30,7 +30,8 @@ from typing import Any
 
 MODEL_FILE = "model.onnx"
 RECALL_MODEL_FILE = "user_tower.onnx"  # the graph of a recall version (``"kind": "recall"``)
-GRAPH_FILES = (MODEL_FILE, RECALL_MODEL_FILE)  # a version directory holds one of them
+LTR_MODEL_FILE = "ltr.onnx"  # the graph of a learned-fusion version (``"kind": "ltr"``)
+GRAPH_FILES = (MODEL_FILE, RECALL_MODEL_FILE, LTR_MODEL_FILE)  # a version holds one of them
 METADATA_FILE = "metadata.json"
 CURRENT_FILE = "current"
 SNAPSHOT_DIR = "snapshots"

@@ -67,7 +67,9 @@ _PHRASES = {"extra_forbidden": "unknown key", "missing": "required key is missin
 
 
 def _message(e: Any) -> str:
-    key = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in e["loc"]).lstrip(".")
+    # a tagged union's tag (written "<tag>") is part of pydantic's location, not of the file
+    loc = [p for p in e["loc"] if not (isinstance(p, str) and p.startswith("<"))]
+    key = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".")
     ctx = e.get("ctx") or {}
     kind = e["type"]
     if kind in _BOUNDS:
@@ -76,6 +78,8 @@ def _message(e: Any) -> str:
     elif kind == "value_error":
         cause = ctx.get("error", e["msg"])
         msg = cause.detail if isinstance(cause, KeyedError) else str(cause)
+        if isinstance(cause, KeyedError) and cause.key and not key.endswith(cause.key):
+            key = f"{key}.{cause.key}" if key else cause.key  # a model validator's own key
     else:
         msg = _PHRASES.get(kind, e["msg"])
     return f"{key or '(top level)'}: {msg}"

@@ -49,6 +49,7 @@ from service.recall.stage import Recaller
 from service.runtime import ModelManager, ReloadResult
 from service.serving_state import ServingState
 from service.settings import Settings, load_settings
+from service.shadow import ShadowRunner
 
 log = logging.getLogger("mtrank.app")
 HISTORY_POLL_S = 5.0  # how often each worker re-reads the history pointer in Redis
@@ -155,7 +156,8 @@ async def start_services(settings: Settings, metrics: Metrics) -> Services:
         raise
     metrics.feature_store_up.set(1 if await store.ping() else 0)
     metrics.track_snapshot(lambda: store.snapshot_built_at, settings.snapshot_max_age_seconds)
-    ranker = Ranker(state, store, metrics, executor)
+    shadows = ShadowRunner(metrics, settings.shadow_max_in_flight)
+    ranker = Ranker(state, store, metrics, executor, shadows)
     recommender = await start_recall(settings, metrics, state, ranker)
     return Services(settings, metrics, state, ranker, executor, recommender)
 
@@ -195,6 +197,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if recommender is not None:
             await recommender.recaller.store.close()
         services.executor.shutdown(wait=False)
+        if services.ranker.shadows is not None:
+            services.ranker.shadows.close()
         app.state.services = None
         gc.unfreeze()
         if multiprocess_dir() is not None:  # drop this worker's live gauges from /metrics

@@ -41,6 +41,15 @@ STAGE_BUCKETS = (
     0.075, 0.1, 0.25, 0.5, 1.0, 2.5,
 )  # fmt: skip
 CANDIDATE_BUCKETS = (1, 10, 50, 100, 200, 500, 1000, 2000, 5000, 10000)
+# Fused scores: a formula's product is >= 0 and mostly small; a learned fusion's is a real number
+# around 0. Both halves of the line, densest near 0.
+SCORE_BUCKETS = (
+    -10.0, -3.0, -1.0, -0.3, -0.1, 0.0, 0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0,
+    100.0,
+)  # fmt: skip
+TAU_BUCKETS = (-0.5, 0.0, 0.25, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.98, 0.99, 1.0)
+SHARE_BUCKETS = (0.0, 0.25, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0)
+SHIFT_BUCKETS = (-0.1, -0.03, -0.01, -0.003, -0.001, 0.0, 0.001, 0.003, 0.01, 0.03, 0.1)
 # How often every worker rewrites its snapshot age: with several workers /metrics reads each
 # worker's last written value, so a worker no scrape reaches must still keep its own current.
 SNAPSHOT_AGE_UPDATE_S = 5.0
@@ -123,6 +132,49 @@ class Metrics:
         self.snapshot_max_age = Gauge(
             "mtrank_feature_snapshot_max_age_seconds", "Snapshot age at which an alert fires",
             registry=r, multiprocess_mode="livemax",
+        )  # fmt: skip
+        # Experiments (service/experiments.py): a request in two layers counts once in each
+        # layer's experiment, so these never add up to mtrank_requests_total across experiments.
+        self.arm_requests = Counter(
+            "mtrank_arm_requests", "Ranking requests per experiment arm and HTTP status",
+            ["experiment", "arm", "status"], registry=r,
+        )  # fmt: skip
+        self.arm_seconds = Histogram(
+            "mtrank_arm_request_seconds", "Ranking request latency per experiment arm",
+            ["experiment", "arm"], buckets=STAGE_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.arm_degraded = Counter(
+            "mtrank_arm_degraded_responses", "Degraded responses per experiment arm",
+            ["experiment", "arm"], registry=r,
+        )  # fmt: skip
+        self.arm_scores = Histogram(
+            "mtrank_arm_served_score", "Fused score of each returned item, per experiment arm",
+            ["experiment", "arm"], buckets=SCORE_BUCKETS, registry=r,
+        )  # fmt: skip
+        # Shadows (service/shadow.py): never part of a response.
+        self.shadow_runs = Counter(
+            "mtrank_shadow_runs", "Shadow scorings by outcome (ok, error, timeout, busy)",
+            ["shadow", "result"], registry=r,
+        )  # fmt: skip
+        self.shadow_seconds = Histogram(
+            "mtrank_shadow_seconds", "Shadow inference + fusion time", ["shadow"],
+            buckets=STAGE_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.shadow_tau = Histogram(
+            "mtrank_shadow_kendall_tau", "Kendall tau of the shadow's scores on the live top-k",
+            ["shadow"], buckets=TAU_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.shadow_overlap = Histogram(
+            "mtrank_shadow_topk_overlap", "Share of the live top-k in the shadow's top-k",
+            ["shadow"], buckets=SHARE_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.shadow_scores = Histogram(
+            "mtrank_shadow_score", "Fused scores of every candidate, live and shadow side",
+            ["shadow", "side"], buckets=SCORE_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.shadow_output_shift = Histogram(
+            "mtrank_shadow_output_shift", "Per request: mean shadow output - mean live output",
+            ["shadow", "task"], buckets=SHIFT_BUCKETS, registry=r,
         )  # fmt: skip
         self._snapshot_built_at: Callable[[], float | None] = lambda: None
         # Children created up front so every fixed series is visible from the first scrape.

@@ -50,10 +50,12 @@ from service.features.store import (
     utc_day,
 )
 from service.metrics import Metrics
+from service.ranking_config import DEFAULT_SCENE
 from service.request import RankQuery
 from service.response import Outcome, response_body
 from service.rules import RerankResult, item_caps, rerank, rule_weight
 from service.serving_state import Served, ServingState
+from service.shadow import ShadowJob, ShadowRunner
 
 log = logging.getLogger("mtrank.pipeline")
 
@@ -89,6 +91,7 @@ class Ranker:
         store: the feature store (features and exposure counters).
         metrics: stage histograms and counters.
         executor: the inference threads.
+        shadows: runs the config's shadow models after responses (None: shadows are off).
     """
 
     def __init__(
@@ -97,17 +100,21 @@ class Ranker:
         store: FeatureStore,
         metrics: Metrics,
         executor: ThreadPoolExecutor,
+        shadows: ShadowRunner | None = None,
     ) -> None:
         self.state = state
         self.store = store
         self.metrics = metrics
         self.executor = executor
+        self.shadows = shadows
 
     async def rank(self, query: RankQuery) -> dict[str, Any]:
         """Run every stage for one checked request; returns the JSON-ready response body."""
         served = self.state.served()  # once: models + config stay consistent for this request
-        scene = served.ranking.scene(query.scene)
-        formula = served.ranking.formula(query.scene)
+        scene_name = query.scene or DEFAULT_SCENE
+        # the experiment arms of the scene pick the models, fusion and rules (service/variants.py)
+        variant = served.plan.variant(scene_name, query.user_id, query.arms)
+        rules_cfg, formula, bundle = variant.rules, variant.fusion, variant.bundle
         m = self.metrics
         degraded: list[str] = []
         now = datetime.now(UTC)
@@ -119,22 +126,23 @@ class Ranker:
         with m.stage("inference"):
             loop = asyncio.get_running_loop()
             outputs = await loop.run_in_executor(
-                self.executor, served.bundle.run, feats.sparse, feats.dense
+                self.executor, bundle.run, feats.sparse, feats.dense
             )
         rules_time = _Stopwatch()
         with rules_time:  # part of the rules stage: the formula reads the weights
-            weights = rule_weight(feats.items, scene.rules, today)
+            weights = rule_weight(feats.items, rules_cfg, today)
+        request_env = self._request_env(query, served)
         with m.stage("fusion"):
-            env = formula_inputs(outputs, feats.items, weights[0], self._request_env(query, served))
+            env = formula_inputs(outputs, feats.items, weights[0], request_env)
             scores = formula.evaluate(env, n)  # (N,) f64, non-finite -> -inf
         with rules_time:
             result = rerank(
-                scores, feats.items, feats.fetched.exposures, scene.rules, query.size, today,
+                scores, feats.items, feats.fetched.exposures, rules_cfg, query.size, today,
                 weights=weights,
             )  # fmt: skip
         m.stage_seconds.labels(stage="rules").observe(rules_time.seconds)
         with m.stage("reserve"):
-            cap_cfg = scene.rules.exposure_cap
+            cap_cfg = rules_cfg.exposure_cap
             caps = item_caps(feats.items["exposure_cap"], cap_cfg)  # (N,) < 0: uncapped
             reservation = await reserve(
                 self.store, query.item_ids, result.ranked, caps, query.size, day,
@@ -146,10 +154,24 @@ class Ranker:
         for reason in degraded:
             m.degraded.labels(reason=reason).inc()
         outcome = Outcome(
-            query, served.bundle, feats.fetched, outputs, formula, env, result, reservation,
-            degraded,
+            query, bundle, feats.fetched, outputs, formula, env, result, reservation, degraded,
+            variant.arms,
         )  # fmt: skip
-        return response_body(outcome)
+        body = response_body(outcome)
+        if variant.arms:
+            served_scores = result.scores[reservation.order]
+            for exp, arm in variant.arms:
+                hist = m.arm_scores.labels(experiment=exp, arm=arm)
+                for v in served_scores[np.isfinite(served_scores)].tolist():
+                    hist.observe(v)
+        shadows = served.plan.shadows(scene_name)
+        if shadows and self.shadows is not None and feats.from_store:
+            job = ShadowJob(
+                body["request_id"], query.item_ids, feats.sparse, feats.dense, feats.items,
+                weights[0], request_env, outputs, scores, reservation.order,
+            )  # fmt: skip
+            self.shadows.submit(shadows, job)
+        return body
 
     async def _features(
         self, query: RankQuery, served: Served, day: str, degraded: list[str]

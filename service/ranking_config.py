@@ -18,7 +18,10 @@ Names a formula may use (:func:`load_ranking_config`):
 * the scene's fusion ``params``, folded in as constants.
 
 A scene without ``fusion``/``fusion_file`` uses the ``default`` scene's fusion; ``default`` is
-required and is what a request without a scene gets.
+required and is what a request without a scene gets. A scene's fusion is a formula or, with
+``{type: model, model: NAME}``, a learned (LTR) model: that one is checked when the service
+compiles the config against its models (service/variants.py), as are the ``experiments`` and
+``shadows`` lists (service/experiments.py), whose cross-references are checked here.
 """
 
 from __future__ import annotations
@@ -44,9 +47,12 @@ from mtrank.fusion import (
     Formula,
     FusionConfig,
     FusionError,
+    FusionSpec,
+    ModelFusion,
     load_fusion_file,
 )
 from mtrank.yamlio import load_yaml_model
+from service.experiments import ExperimentConfig, ShadowConfig, check_references
 
 DEFAULT_SCENE = "default"
 DEFAULT_RECALL_K = 500
@@ -176,7 +182,7 @@ class RecallConfig(_Strict):
 class SceneConfig(_Strict):
     """One scene: fusion inline or in a file (relative to the YAML), its rules, its recall k."""
 
-    fusion: FusionConfig | None = None
+    fusion: FusionSpec | None = None
     fusion_file: str | None = None
     rules: RulesConfig = RulesConfig()
     recall: RecallConfig | None = None  # None: the default scene's, else DEFAULT_RECALL_K
@@ -192,6 +198,8 @@ class RankingConfig(_Strict):
     """All scenes; build it with :func:`load_ranking_config` so the formulas are compiled."""
 
     scenes: dict[str, SceneConfig]
+    experiments: list[ExperimentConfig] = []
+    shadows: list[ShadowConfig] = []
     _formulas: dict[str, Formula] = PrivateAttr(default_factory=dict)
 
     @field_validator("scenes")
@@ -200,6 +208,11 @@ class RankingConfig(_Strict):
         if DEFAULT_SCENE not in v:
             raise ValueError(f"a scene named {DEFAULT_SCENE!r} is required")
         return v
+
+    @model_validator(mode="after")
+    def _references(self) -> RankingConfig:
+        check_references(self.experiments, self.shadows, self.scenes)
+        return self
 
     def scene(self, name: str | None) -> SceneConfig:
         """The scene's config; ``None`` means the default scene. Unknown names raise KeyError."""
@@ -214,19 +227,26 @@ class RankingConfig(_Strict):
         return recall.k if recall is not None else DEFAULT_RECALL_K
 
     def formula(self, name: str | None) -> Formula:
-        """The scene's compiled formula (compiled once, at load)."""
+        """The scene's compiled formula (compiled once, at load); KeyError for a learned one."""
         key = DEFAULT_SCENE if name is None else name
         self.scene(key)
         if key not in self._formulas:
+            if isinstance(fusion_of(self, key), ModelFusion):
+                raise KeyError(f"scene {key!r} uses a learned fusion (service/variants.py)")
             raise RuntimeError("formulas are compiled by load_ranking_config / compile_formulas")
         return self._formulas[key]
 
     def compile_formulas(self, inputs: Iterable[str]) -> None:
-        """Compile every scene's (resolved) fusion against ``inputs``; raises FusionError."""
-        self._formulas = {n: _fusion_of(self, n).compile(inputs) for n in self.scenes}
+        """Compile every scene's formula fusion against ``inputs``; raises FusionError."""
+        self._formulas = {
+            n: f.compile(inputs)
+            for n in self.scenes
+            if isinstance(f := fusion_of(self, n), FusionConfig)
+        }
 
 
-def _fusion_of(config: RankingConfig, scene: str) -> FusionConfig:
+def fusion_of(config: RankingConfig, scene: str) -> FusionConfig | ModelFusion:
+    """The scene's fusion: its own, else the default scene's."""
     fusion = config.scenes[scene].fusion or config.scenes[DEFAULT_SCENE].fusion
     if fusion is None:
         raise FusionError(f"scenes.{DEFAULT_SCENE}: needs fusion or fusion_file")
@@ -255,8 +275,11 @@ def _compile(config: RankingConfig, path: Path, inputs: frozenset[str]) -> None:
         where = f"scenes.{name}" if own else f"scenes.{DEFAULT_SCENE} (used by scene {name!r})"
         if scene.fusion_file is not None:
             where += f".fusion_file ({scene.fusion_file})"
+        fusion = fusion_of(config, name)
+        if isinstance(fusion, ModelFusion):
+            continue  # a learned fusion: compiled with the models (service/variants.py)
         try:
-            formulas[name] = _fusion_of(config, name).compile(inputs)
+            formulas[name] = fusion.compile(inputs)
         except FusionError as e:
             raise RankingConfigError(
                 f"{path}: {where}.fusion.{e.key or 'formula'}: {e.detail}"

@@ -55,6 +55,8 @@ class RankQuery:
     explain: bool
     # attribute -> (N,) float64 request-time values, NaN where the candidate gives none
     overrides: dict[str, np.ndarray] = field(default_factory=dict)
+    # experiment -> arm forced by the X-Mtrank-Arm header (QA); others are drawn by user id
+    arms: dict[str, str] = field(default_factory=dict)
 
 
 def _bad(field_name: str, message: str) -> InvalidRequest:

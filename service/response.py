@@ -16,7 +16,6 @@ from typing import Any
 
 import numpy as np
 
-from mtrank.fusion import Formula
 from service.exposure import Reservation
 from service.features.store import FetchResult
 from service.request import RankQuery
@@ -32,11 +31,12 @@ class Outcome:
     bundle: ModelBundle
     fetched: FetchResult
     outputs: dict[str, np.ndarray]  # task -> (N,) predictions
-    formula: Formula
+    formula: Any  # the compiled fusion: a Formula or a learned one (service/variants.py)
     env: dict[str, Any]  # the formula's inputs
     result: RerankResult
     reservation: Reservation
     degraded: list[str]
+    arms: tuple[tuple[str, str], ...] = ()  # (experiment, arm) the request was assigned
 
 
 def response_body(o: Outcome) -> dict[str, Any]:
@@ -49,6 +49,8 @@ def response_body(o: Outcome) -> dict[str, Any]:
         "items": [],
         "degraded": o.degraded,
     }
+    if o.arms:
+        body["experiments"] = [{"experiment": e, "arm": a} for e, a in o.arms]
     if not o.query.explain:
         scores, ids = o.result.scores, o.query.item_ids
         body["items"] = [{"item_id": ids[i], "score": _finite(scores[i])} for i in order]

@@ -229,7 +229,7 @@ class ModelBundle:
         first = self.runtimes[0]
         seen: dict[str, str] = {}
         for rt in self.runtimes:
-            if _inputs_of(rt.spec) != _inputs_of(first.spec):
+            if inputs_of(rt.spec) != inputs_of(first.spec):
                 raise ModelLoadError(
                     f"models {first.model.name!r} and {rt.model.name!r} take different features; "
                     "models served together must share one input spec (one snapshot feeds all)"
@@ -268,7 +268,8 @@ class ModelBundle:
         return merged
 
 
-def _inputs_of(spec: FeatureSpec) -> dict[str, Any]:
+def inputs_of(spec: FeatureSpec) -> dict[str, Any]:
+    """What a model reads (its spec without outputs): equal for models fed by one snapshot."""
     return spec.model_dump(mode="json", exclude={"outputs"})
 
 
@@ -325,6 +326,10 @@ class ModelManager:
     @property
     def loaded(self) -> bool:
         return self._bundle is not None
+
+    def load_runtime(self, model_version: ModelVersion) -> ModelRuntime:
+        """One more version, loaded as the served ones are (an experiment arm's, a shadow's)."""
+        return ModelRuntime.load(model_version, **self._load_args)
 
     def current(self) -> ModelBundle:
         """The bundle to score one request with (take it once per request)."""

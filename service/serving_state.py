@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from mtrank.spec import FeatureSpec
+from mtrank.yamlio import KeyedError
 from service.errors import NotReady, ReloadRejected
 from service.features.assemble import Assembler
 from service.features.store import FeatureStore
@@ -32,6 +33,7 @@ from service.metrics import Metrics
 from service.ranking_config import RankingConfig, RankingConfigError, load_ranking_config
 from service.request import QueryLimits
 from service.runtime import ModelBundle, ModelManager, ModelNotLoaded, ReloadResult
+from service.variants import Plan, VersionCache, compile_plan
 
 log = logging.getLogger("mtrank.serving")
 
@@ -54,6 +56,7 @@ class Served:
     assembler: Assembler
     limits: QueryLimits
     fits_store: bool  # the models read the features the store's snapshot was built for
+    plan: Plan  # each scene's experiment arms and shadows, compiled (service/variants.py)
 
 
 class ServingState:
@@ -83,6 +86,8 @@ class ServingState:
         self.ranking_path = ranking_path
         self.max_candidates = max_candidates
         self._store_inputs = _inputs_sha(store_spec)
+        # versions named by experiment arms, shadows and learned fusions, loaded once each
+        self.versions = VersionCache(manager.registry, manager.load_runtime)
         self._served: Served | None = None
         self._rejected: ModelBundle | None = None  # swapped-in models the config did not fit
         self.rejected_reason: str | None = None
@@ -135,18 +140,27 @@ class ServingState:
         # Hashing the spec serialises every vocabulary (ms per call): once per bundle, not per
         # request.
         fits = _inputs_sha(bundle.spec) == self._store_inputs
-        return Served(bundle, ranking, Assembler(bundle.spec), limits, fits)
+        try:
+            plan = compile_plan(ranking, bundle, request_fields(bundle.spec), self.versions)
+        except KeyedError as e:
+            raise RankingConfigError(f"{self.ranking_path}: {e}") from e
+        return Served(bundle, ranking, Assembler(bundle.spec), limits, fits, plan)
 
     def _accept(self, fresh: Served) -> None:
         self._served, self._rejected, self.rejected_reason = fresh, None, None
 
     # -- operations ---------------------------------------------------------------------------
-    def _config_stamp(self) -> tuple[int, int] | None:
+    def _config_stamp(self) -> tuple[Any, ...] | None:
+        """The config file's mtime and size, and what ``current`` names for every version the
+        config refers to by name only (an arm's ``NAME``, a learned fusion's ``NAME``): promoting
+        one of those reloads the config as editing the file does."""
         try:
             st = self.ranking_path.stat()
         except OSError:
             return None
-        return (st.st_mtime_ns, st.st_size)
+        served = self._served
+        unpinned = served.plan.unpinned if served is not None else frozenset()
+        return (st.st_mtime_ns, st.st_size, self.versions.currents(unpinned))
 
     def reload_config(self) -> bool:
         """Recompile the ranking config file for the served models; keep the old one on error."""

@@ -73,6 +73,10 @@ class Settings(BaseSettings):
     ort_providers: str = Field("auto", description="'auto' or a comma-separated provider list")
     ort_intra_threads: int = Field(1, ge=0, le=256)
     inference_threads: int = Field(2, ge=1, le=64, description="executor threads for ONNX runs")
+    shadow_max_in_flight: int = Field(
+        4, ge=1, le=1024,
+        description="shadow runs not yet finished beyond which new ones are skipped (busy)",
+    )  # fmt: skip
     admin_token: str | None = Field(None, min_length=16, description="None: admin routes off")
     reload_poll_seconds: float = Field(10.0, ge=0.0, description="0: no background watcher")
     config_poll_seconds: float = Field(

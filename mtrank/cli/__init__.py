@@ -38,6 +38,14 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "training.recall.item2vec",
         "skip-gram item vectors from click sessions (to initialise item_id embeddings)",
     ),
+    "train-ltr": (
+        "training.ltr.train",
+        "train a learned fusion (LambdaMART, BPR) over a ranker's outputs and publish it",
+    ),
+    "evaluate-ltr": (
+        "training.ltr.evaluate",
+        "NDCG@K and GMV@K of an LTR version and formula baselines on a split",
+    ),
     "models": ("mtrank.cli.models", "list model versions, promote one to current"),
     "serve": ("service.cli", "run the ranking service (uvicorn)"),
     "demo": ("mtrank.cli.demo", "train a small model if none exists, then serve it"),

@@ -8,6 +8,7 @@ so ``/docs`` shows the full body.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -33,6 +34,7 @@ from service.errors import (
     RankingError,
     json_response,
 )
+from service.experiments import ARM_HEADER, parse_arm_header
 from service.metrics import Metrics
 from service.recall.recommend import Recommender
 from service.recall.request import parse_recall_request, parse_recommend_request
@@ -77,12 +79,18 @@ def _body_schema(model: str) -> dict[str, Any]:
 class _Account:
     scene: str = "invalid"  # until the body names one
     status: int = 500  # until the route answers
+    body: dict[str, Any] | None = None  # the answer, once there is one
+
+    def answered(self, body: dict[str, Any]) -> dict[str, Any]:
+        self.status, self.body = 200, body
+        return body
 
 
 @contextmanager
 def _accounted(metrics: Metrics) -> Iterator[_Account]:
     """Counts one ranking request in ``mtrank_requests_total{scene, status}`` and times it as the
-    ``total`` stage, whatever way it ends (a RankingError's status, 500 for anything else)."""
+    ``total`` stage, whatever way it ends (a RankingError's status, 500 for anything else); a
+    request assigned to experiment arms is also counted and timed per arm."""
     account, start = _Account(), time.perf_counter()
     try:
         yield account
@@ -90,8 +98,22 @@ def _accounted(metrics: Metrics) -> Iterator[_Account]:
         account.status = e.status_code
         raise
     finally:
+        elapsed = time.perf_counter() - start
         metrics.requests.labels(scene=account.scene, status=str(account.status)).inc()
-        metrics.stage_seconds.labels(stage="total").observe(time.perf_counter() - start)
+        metrics.stage_seconds.labels(stage="total").observe(elapsed)
+        body = account.body
+        for arm in (body or {}).get("experiments", ()):
+            exp, name = arm["experiment"], arm["arm"]
+            metrics.arm_requests.labels(experiment=exp, arm=name, status=str(account.status)).inc()
+            metrics.arm_seconds.labels(experiment=exp, arm=name).observe(elapsed)
+            if body and body["degraded"]:
+                metrics.arm_degraded.labels(experiment=exp, arm=name).inc()
+
+
+def _forced_arms(request: Request, services: Services) -> dict[str, str]:
+    """The ``X-Mtrank-Arm`` header's arms, checked against the served experiments."""
+    raw = request.headers.get(ARM_HEADER)
+    return parse_arm_header(raw, services.state.served().plan.arms) if raw else {}
 
 
 @router.post(
@@ -109,9 +131,9 @@ async def rank(request: Request, services: ServicesDep) -> Response:
             body = await read_body(request, services.settings.max_body_bytes)
             query = parse_rank_request(body, services.state.limits())
         account.scene = query.scene
+        query.arms = _forced_arms(request, services)
         metrics.candidates.observe(len(query.item_ids))
-        result = await services.ranker.rank(query)
-        account.status = 200
+        result = account.answered(await services.ranker.rank(query))
         return json_response(result)
 
 
@@ -154,8 +176,8 @@ async def recommend(request: Request, services: ServicesDep) -> Response:
             body = await read_body(request, services.settings.max_body_bytes)
             query = parse_recommend_request(body, services.state.limits())
         account.scene = query.scene
-        result = await recommender.recommend(query)
-        account.status = 200
+        query = dataclasses.replace(query, arms=_forced_arms(request, services))
+        result = account.answered(await recommender.recommend(query))
         return json_response(result)
 
 

@@ -90,7 +90,13 @@ class Recommender:
         else:
             body = await self.ranker.rank(
                 RankQuery(
-                    query.user_id, info.ids, query.size, query.scene, query.context, query.explain
+                    query.user_id,
+                    info.ids,
+                    query.size,
+                    query.scene,
+                    query.context,
+                    query.explain,
+                    arms=query.arms,
                 )  # fmt: skip
             )
         for entry in [*body["items"], *(body.get("dropped") or [])]:

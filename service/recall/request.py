@@ -8,7 +8,7 @@ ranker). ``k`` above ``MTRANK_RECALL_MAX_K`` is a 422 naming ``k``; ``exclude`` 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
@@ -30,6 +30,7 @@ class RecallQuery:
     exclude: list[int]
     size: int = 0  # /recommend only
     explain: bool = False  # /recommend only
+    arms: dict[str, str] = field(default_factory=dict)  # /recommend: the X-Mtrank-Arm header's
 
 
 def _bad(name: str, message: str) -> InvalidRequest:

@@ -371,6 +371,18 @@ def test_ranking_config_examples_load(tmp_path: Path) -> None:
         }
 
 
+def test_the_experiments_example_loads(tmp_path: Path) -> None:
+    """The experiment + shadow example: every key exists and every cross-reference holds (the
+    versions it names are checked against real models in tests/service/test_experiments.py)."""
+    (body,) = examples(doc("configuration.md"), "experiments-config")
+    path = tmp_path / "ranking.yaml"
+    path.write_text(body, encoding="utf-8")
+    config = load_ranking_config(path, ECOMMERCE_OUTPUTS)
+    assert [e.name for e in config.experiments] == ["fusion_ltr", "home_rules"]
+    assert [a.bp for a in config.experiments[0].arms] == [9000, 1000]
+    assert config.shadows[0].models == ["ecommerce@20261201T101500Z-1a2b"]
+
+
 def test_fusion_grammar_and_limits_are_documented() -> None:
     text = doc("configuration.md")
     for fn in FUNCTIONS:

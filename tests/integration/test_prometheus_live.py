@@ -154,10 +154,25 @@ def namespace(trained_world: TrainedWorld) -> Iterator[tuple[str, list[str]]]:
 
 @pytest.fixture()
 def ranking_config(tmp_path: Path) -> Path:
-    """A private copy of the shipped ranking config, so a reload can be fed a broken one."""
+    """A private copy of the shipped ranking config, so a reload can be fed a broken one, with an
+    experiment (the control and an arm using the home scene's rules) and a shadow of the served
+    version, so the per-arm and shadow panels have series."""
     path = tmp_path / "ranking.yaml"
     shutil.copyfile(DEFAULT_RANKING_CONFIG, path)
+    with path.open("a") as fh:
+        fh.write(EXPERIMENTS_YAML)
     return path
+
+
+EXPERIMENTS_YAML = """
+experiments:
+  - name: rules_test
+    arms:
+      - {name: control, bp: 5000}
+      - {name: home_rules, bp: 5000, scene: home}
+shadows:
+  - {name: same_version, models: [ecommerce], sample_bp: 10000, timeout_ms: 1000}
+"""
 
 
 def ranker_env(world: TrainedWorld, redis_url: str, ns: str, config: Path) -> dict[str, str]:

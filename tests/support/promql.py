@@ -38,6 +38,16 @@ SERVICE_METRICS: Mapping[str, str] = {
     "mtrank_feature_store_up": "gauge",
     "mtrank_feature_snapshot_age_seconds": "gauge",
     "mtrank_feature_snapshot_max_age_seconds": "gauge",
+    "mtrank_arm_requests_total": "counter",
+    "mtrank_arm_request_seconds": "histogram",
+    "mtrank_arm_degraded_responses_total": "counter",
+    "mtrank_arm_served_score": "histogram",
+    "mtrank_shadow_runs_total": "counter",
+    "mtrank_shadow_seconds": "histogram",
+    "mtrank_shadow_kendall_tau": "histogram",
+    "mtrank_shadow_topk_overlap": "histogram",
+    "mtrank_shadow_score": "histogram",
+    "mtrank_shadow_output_shift": "histogram",
 }
 
 # Grafana's interval macros, with values a 10 s scrape interval makes safe (>= 4 scrapes).

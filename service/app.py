@@ -30,8 +30,9 @@ from mtrank.registry import Registry
 from mtrank.spec import FeatureSpec
 from service.api.deps import Services
 from service.api.routes import SCHEMA_REF, admin_router, router
-from service.api.schemas import RankRequest, RecallRequest, RecommendRequest
+from service.api.schemas import EventsRequest, RankRequest, RecallRequest, RecommendRequest
 from service.errors import register_error_handlers
+from service.events import EventLog
 from service.features.embedded import EmbeddedFeatureStore
 from service.features.redis_store import RedisFeatureStore
 from service.features.store import FeatureStore, FeatureStoreError
@@ -46,6 +47,7 @@ from service.recall.history_store import (
 from service.recall.recommend import Recommender
 from service.recall.runtime import RecallManager, RecallReload
 from service.recall.stage import Recaller
+from service.request_ids import RequestIds
 from service.runtime import ModelManager, ReloadResult
 from service.serving_state import ServingState
 from service.settings import Settings, load_settings
@@ -157,9 +159,25 @@ async def start_services(settings: Settings, metrics: Metrics) -> Services:
     metrics.feature_store_up.set(1 if await store.ping() else 0)
     metrics.track_snapshot(lambda: store.snapshot_built_at, settings.snapshot_max_age_seconds)
     shadows = ShadowRunner(metrics, settings.shadow_max_in_flight)
-    ranker = Ranker(state, store, metrics, executor, shadows)
+    request_ids = request_ids_of(settings)
+    ranker = Ranker(state, store, metrics, executor, shadows, request_ids)
     recommender = await start_recall(settings, metrics, state, ranker)
-    return Services(settings, metrics, state, ranker, executor, recommender)
+    events = None
+    if settings.redis_url is not None:  # the event stream lives beside the features
+        events = EventLog(
+            settings.redis_url, settings.feature_namespace or settings.model_names[0],
+            request_ids, timeout_s=settings.events_timeout_ms / 1e3,
+            dedup_s=int(settings.events_dedup_hours * 3600),
+            retention_s=int(settings.events_retention_hours * 3600),
+        )  # fmt: skip
+    return Services(settings, metrics, state, ranker, executor, recommender, events)
+
+
+def request_ids_of(settings: Settings) -> RequestIds:
+    """MTRANK_EVENTS_KEY, else a key every worker and replica of this deployment derives alike."""
+    if settings.events_key is not None:
+        return RequestIds(settings.events_key.encode())
+    return RequestIds.derived(str(settings.model_dir.resolve()), *settings.model_names)
 
 
 @asynccontextmanager
@@ -199,6 +217,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         services.executor.shutdown(wait=False)
         if services.ranker.shadows is not None:
             services.ranker.shadows.close()
+        if services.events is not None:
+            await services.events.close()
         app.state.services = None
         gc.unfreeze()
         if multiprocess_dir() is not None:  # drop this worker's live gauges from /metrics
@@ -211,7 +231,7 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
         return app.openapi_schema
     schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
     components = schema.setdefault("components", {}).setdefault("schemas", {})
-    for model in (RankRequest, RecallRequest, RecommendRequest):
+    for model in (RankRequest, RecallRequest, RecommendRequest, EventsRequest):
         body = model.model_json_schema(ref_template=SCHEMA_REF)
         components.update(body.pop("$defs", {}))
         components[model.__name__] = body

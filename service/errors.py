@@ -28,6 +28,7 @@ class RankingError(Exception):
 
     status_code = 500
     error_type = "internal_error"
+    headers: Mapping[str, str] | None = None  # extra response headers (e.g. Retry-After)
 
     def __init__(self, message: str, *, field: str | None = None) -> None:
         super().__init__(message)
@@ -67,6 +68,18 @@ class NotReady(RankingError):
 
     status_code = 503
     error_type = "not_ready"
+
+
+class EventsUnavailable(RankingError):
+    """The event log (Redis) cannot take the batch now; the client retries it later (503).
+
+    Nothing of the batch may have been kept, or all of it (a timeout after Redis ran the
+    script): a retry is safe, because events are deduplicated by ``event_id``.
+    """
+
+    status_code = 503
+    error_type = "events_unavailable"
+    headers = {"Retry-After": "1"}
 
 
 class ReloadRejected(RankingError):
@@ -112,7 +125,7 @@ def register_error_handlers(app: FastAPI, metrics: Metrics) -> None:
     async def ranking_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, RankingError)
         metrics.errors.labels(type=type(exc).__name__).inc()
-        return json_response(exc.body(), exc.status_code)
+        return json_response(exc.body(), exc.status_code, headers=exc.headers)
 
     async def validation_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, RequestValidationError)

@@ -61,18 +61,25 @@ async def reserve(
     policy: StoreFailurePolicy,
     *,
     caps_known: bool = True,
+    count: bool = True,
 ) -> Reservation:
     """Reserve one exposure for each of the first ``size`` items of ``ranked``; refill refusals.
 
     ``ranked`` (M,) is every item the rules kept, best first (``RerankResult.ranked``); ``caps``
     (N,) is each item's cap, < 0 uncapped (:func:`~service.rules.item_caps`). ``caps_known``
     is False when ``caps`` come from default records because the features were not read.
+    ``count=False`` (``exposure_cap.count_on: impression``): impression events count the
+    exposures (service/events.py), so nothing is written here; the caps were already applied
+    to the counts read with the features.
     """
     n = len(item_ids)
     refused = np.zeros(n, dtype=bool)
     reserved = np.zeros(n, dtype=bool)
     refused_pos = np.zeros(len(ranked), dtype=bool)  # over `ranked`: never to be returned
     order = fill_after_refusals(ranked, refused_pos, size)
+    if not count:
+        none = np.zeros(n, dtype=bool)
+        return Reservation(order, refused, none, none.copy(), failed=False)
     if not caps_known and policy == "fail_closed" and len(order):
         why = "the features were not read, so the items' caps are unknown"
         every = np.zeros(n, dtype=np.int64)  # any item may be capped

@@ -151,6 +151,15 @@ class Metrics:
             "mtrank_arm_served_score", "Fused score of each returned item, per experiment arm",
             ["experiment", "arm"], buckets=SCORE_BUCKETS, registry=r,
         )  # fmt: skip
+        # POST /events (service/events.py)
+        self.events = Counter(
+            "mtrank_events", "Events received, by type and result (accepted, duplicate)",
+            ["type", "result"], registry=r,
+        )  # fmt: skip
+        self.events_orphaned = Counter(
+            "mtrank_events_orphaned", "Accepted events whose request_id this service did not mint",
+            ["type"], registry=r,
+        )  # fmt: skip
         # Shadows (service/shadow.py): never part of a response.
         self.shadow_runs = Counter(
             "mtrank_shadow_runs", "Shadow scorings by outcome (ok, error, timeout, busy)",

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -52,6 +53,7 @@ from service.features.store import (
 from service.metrics import Metrics
 from service.ranking_config import DEFAULT_SCENE
 from service.request import RankQuery
+from service.request_ids import RequestIds
 from service.response import Outcome, response_body
 from service.rules import RerankResult, item_caps, rerank, rule_weight
 from service.serving_state import Served, ServingState
@@ -92,6 +94,7 @@ class Ranker:
         metrics: stage histograms and counters.
         executor: the inference threads.
         shadows: runs the config's shadow models after responses (None: shadows are off).
+        request_ids: mints each answer's request_id (events name it; service/request_ids.py).
     """
 
     def __init__(
@@ -101,12 +104,14 @@ class Ranker:
         metrics: Metrics,
         executor: ThreadPoolExecutor,
         shadows: ShadowRunner | None = None,
+        request_ids: RequestIds | None = None,
     ) -> None:
         self.state = state
         self.store = store
         self.metrics = metrics
         self.executor = executor
         self.shadows = shadows
+        self.request_ids = request_ids or RequestIds(os.urandom(32))
 
     async def rank(self, query: RankQuery) -> dict[str, Any]:
         """Run every stage for one checked request; returns the JSON-ready response body."""
@@ -147,6 +152,7 @@ class Ranker:
             reservation = await reserve(
                 self.store, query.item_ids, result.ranked, caps, query.size, day,
                 cap_cfg.on_store_failure, caps_known=feats.from_store or not cap_cfg.enabled,
+                count=cap_cfg.count_on == "served",
             )  # fmt: skip
         if reservation.failed:
             degraded.append("exposure_reservation_failed")
@@ -155,7 +161,7 @@ class Ranker:
             m.degraded.labels(reason=reason).inc()
         outcome = Outcome(
             query, bundle, feats.fetched, outputs, formula, env, result, reservation, degraded,
-            variant.arms,
+            variant.arms, self.request_ids.mint(),
         )  # fmt: skip
         body = response_body(outcome)
         if variant.arms:

@@ -51,7 +51,7 @@ from mtrank.fusion import (
     ModelFusion,
     load_fusion_file,
 )
-from mtrank.yamlio import load_yaml_model
+from mtrank.yamlio import KeyedError, load_yaml_model
 from service.experiments import ExperimentConfig, ShadowConfig, check_references
 
 DEFAULT_SCENE = "default"
@@ -95,6 +95,9 @@ class ExposureCap(_Strict):
         10_000, ge=1, description="cap of items whose own cap is < 0; null: those are uncapped"
     )
     on_store_failure: Literal["fail_open", "fail_closed"] = "fail_open"
+    count_on: Literal["served", "impression"] = Field(
+        "served", description="what counts an exposure: a returned item, or an impression event"
+    )
 
 
 class Condition(_Strict):
@@ -212,7 +215,21 @@ class RankingConfig(_Strict):
     @model_validator(mode="after")
     def _references(self) -> RankingConfig:
         check_references(self.experiments, self.shadows, self.scenes)
+        modes = {n: s.rules.exposure_cap.count_on for n, s in self.scenes.items()}
+        if len(set(modes.values())) > 1:
+            first = next(iter(modes.values()))
+            odd = next(n for n, m in modes.items() if m != first)
+            raise KeyedError(
+                f"count_on is {modes[odd]!r} here but {first!r} elsewhere: the counters are per "
+                "item and day, shared by every scene, so one config counts one way",
+                key=f"scenes.{odd}.rules.exposure_cap.count_on",
+            )
         return self
+
+    @property
+    def count_on(self) -> str:
+        """What counts exposures for every scene: ``served`` or ``impression``."""
+        return self.scenes[DEFAULT_SCENE].rules.exposure_cap.count_on
 
     def scene(self, name: str | None) -> SceneConfig:
         """The scene's config; ``None`` means the default scene. Unknown names raise KeyError."""

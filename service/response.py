@@ -37,13 +37,14 @@ class Outcome:
     reservation: Reservation
     degraded: list[str]
     arms: tuple[tuple[str, str], ...] = ()  # (experiment, arm) the request was assigned
+    request_id: str = ""  # minted by the ranker (service/request_ids.py); "" -> a random one
 
 
 def response_body(o: Outcome) -> dict[str, Any]:
     """The JSON-ready body of a successful ``POST /rank``."""
     order = o.reservation.order.tolist()
     body: dict[str, Any] = {
-        "request_id": uuid.uuid4().hex,
+        "request_id": o.request_id or uuid.uuid4().hex,
         "model": _model_ref(o.bundle, 0),
         "models": [_model_ref(o.bundle, i) for i in range(len(o.bundle.runtimes))],
         "items": [],

@@ -73,6 +73,20 @@ class Settings(BaseSettings):
     ort_providers: str = Field("auto", description="'auto' or a comma-separated provider list")
     ort_intra_threads: int = Field(1, ge=0, le=256)
     inference_threads: int = Field(2, ge=1, le=64, description="executor threads for ONNX runs")
+    events_max_batch: int = Field(1000, ge=1, le=100_000, description="events per POST /events")
+    events_future_tolerance_s: float = Field(
+        300.0, ge=0.0, description="how far in the future an event's ts may be (clock skew)"
+    )
+    events_dedup_hours: float = Field(
+        1.0, gt=0.0, description="how long an accepted event_id is remembered (retries)"
+    )
+    events_retention_hours: float = Field(
+        168.0, gt=0.0, description="how long the event stream keeps an entry (MINID trimming)"
+    )
+    events_timeout_ms: int = Field(1000, ge=1, le=60_000, description="deadline of one batch")
+    events_key: str | None = Field(
+        None, min_length=16, description="request-id key; None: derived from the deployment"
+    )
     shadow_max_in_flight: int = Field(
         4, ge=1, le=1024,
         description="shadow runs not yet finished beyond which new ones are skipped (busy)",

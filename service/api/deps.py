@@ -10,6 +10,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 
 from service.errors import NotReady, Unauthorized
+from service.events import EventLog
 from service.metrics import Metrics
 from service.pipeline import Ranker
 from service.recall.recommend import Recommender
@@ -27,6 +28,7 @@ class Services:
     ranker: Ranker  # the request path
     executor: ThreadPoolExecutor
     recommender: Recommender | None = None  # None: MTRANK_RECALL_MODEL is unset (recall off)
+    events: EventLog | None = None  # None: no Redis (MTRANK_REDIS_URL unset), /events is off
 
 
 def get_services(request: Request) -> Services:

@@ -21,6 +21,7 @@ from starlette.responses import Response
 from service.api.deps import AdminDep, Services, ServicesDep
 from service.api.schemas import (
     ErrorBody,
+    EventsResponse,
     ModelInfo,
     RankResponse,
     ReadyStatus,
@@ -34,6 +35,7 @@ from service.errors import (
     RankingError,
     json_response,
 )
+from service.events import parse_events
 from service.experiments import ARM_HEADER, parse_arm_header
 from service.metrics import Metrics
 from service.recall.recommend import Recommender
@@ -179,6 +181,44 @@ async def recommend(request: Request, services: ServicesDep) -> Response:
         query = dataclasses.replace(query, arms=_forced_arms(request, services))
         result = account.answered(await recommender.recommend(query))
         return json_response(result)
+
+
+_EVENT_ERRORS: dict[int | str, dict[str, Any]] = {
+    413: {"model": ErrorBody, "description": "body too large"},
+    422: {"model": ErrorBody, "description": "an event is invalid; `field` names it"},
+    503: {
+        "model": ErrorBody,
+        "description": "no Redis, or Redis cannot take the batch now "
+        "(Retry-After; a retry is deduplicated)",
+    },
+}
+
+
+@router.post(
+    "/events", response_model=None, responses={200: {"model": EventsResponse}, **_EVENT_ERRORS},
+    openapi_extra=_body_schema("EventsRequest"), tags=["events"],
+)  # fmt: skip
+async def events(request: Request, services: ServicesDep) -> Response:
+    """Impressions, clicks, carts, collects, purchases and stays: checked, deduplicated by
+    event_id, appended to the event stream (docs/operations.md)."""
+    log_ = services.events
+    if log_ is None:
+        raise NotReady("events need Redis: set MTRANK_REDIS_URL")
+    settings, metrics = services.settings, services.metrics
+    body = await read_body(request, settings.max_body_bytes)
+    batch = parse_events(body, settings.events_max_batch, settings.events_future_tolerance_s)
+    count = services.state.served().ranking.count_on == "impression"
+    done = await log_.append(batch, count_impressions=count)
+    for kind, n in done.accepted.items():
+        metrics.events.labels(type=kind, result="accepted").inc(n)
+    for kind, n in done.duplicates.items():
+        metrics.events.labels(type=kind, result="duplicate").inc(n)
+    for kind, n in done.orphans.items():
+        metrics.events_orphaned.labels(type=kind).inc(n)
+    return json_response({
+        "accepted": sum(done.accepted.values()), "duplicates": sum(done.duplicates.values()),
+        "orphans": sum(done.orphans.values()),
+    })  # fmt: skip
 
 
 @router.get("/healthz", tags=["ops"])

@@ -7,7 +7,7 @@ the same rules (strict types, the same bounds) and which tests hold to these mod
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
@@ -161,3 +161,32 @@ class RecommendResponse(BaseModel):
     items: list[RecommendedItem]
     degraded: list[str] = Field(default_factory=list, description="recall's reasons first")
     dropped: list[DroppedItem] | None = Field(None, description="only with explain")
+
+
+class EventIn(BaseModel):
+    """One event of ``POST /events`` (service/events.py decodes the body itself, with msgspec)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    event_id: str = Field(pattern=r"^[A-Za-z0-9_.:\-]{1,128}$", description="unique per event")
+    type: Literal["impression", "click", "cart", "collect", "purchase", "stay"]
+    request_id: str = Field(
+        pattern=r"^[A-Za-z0-9_.:\-]{1,128}$", description="the ranking answer it belongs to"
+    )
+    user_id: str = Field(min_length=1, max_length=MAX_ID_CHARS)
+    item_id: str = Field(min_length=1, max_length=MAX_ID_CHARS)
+    ts: float = Field(ge=0, description="when it happened, Unix seconds")
+    amount: float | None = Field(None, ge=0, description="purchase: the amount paid (required)")
+    seconds: float | None = Field(None, ge=0, description="stay: seconds on the item (required)")
+
+
+class EventsRequest(BaseModel):
+    """Body of ``POST /events``: 1..MTRANK_EVENTS_MAX_BATCH events."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    events: list[EventIn] = Field(min_length=1)
+
+
+class EventsResponse(BaseModel):
+    accepted: int = Field(description="events appended to the stream")
+    duplicates: int = Field(description="events whose event_id was accepted before (not re-added)")
+    orphans: int = Field(description="accepted events whose request_id this service did not mint")

@@ -9,7 +9,6 @@ recall stage's ``degraded`` reasons come first in the response's list.
 
 from __future__ import annotations
 
-import uuid
 from typing import Any
 
 from service.metrics import Metrics
@@ -69,7 +68,7 @@ class Recommender:
         recalled = await self.recaller.recall(query.user_id, query.k, query.exclude, query.allow)
         self._count(recalled.degraded)
         return {
-            "request_id": uuid.uuid4().hex,
+            "request_id": self.ranker.request_ids.mint(),
             "model": _model_ref(recalled),
             "items": _RecallInfo(recalled).items(),
             "degraded": recalled.degraded,
@@ -85,7 +84,7 @@ class Recommender:
         if not info:  # the filters left nothing to rank
             versions = served.bundle.versions
             refs = [{"name": n, "version": v} for n, v in versions.items()]
-            body: dict[str, Any] = {"request_id": uuid.uuid4().hex, "model": refs[0],
+            body: dict[str, Any] = {"request_id": self.ranker.request_ids.mint(), "model": refs[0],
                                     "models": refs, "items": [], "degraded": []}  # fmt: skip
         else:
             body = await self.ranker.rank(

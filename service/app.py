@@ -49,6 +49,7 @@ from service.recall.runtime import RecallManager, RecallReload
 from service.recall.stage import Recaller
 from service.request_ids import RequestIds
 from service.runtime import ModelManager, ReloadResult
+from service.served_log import ServedLog
 from service.serving_state import ServingState
 from service.settings import Settings, load_settings
 from service.shadow import ShadowRunner
@@ -160,7 +161,13 @@ async def start_services(settings: Settings, metrics: Metrics) -> Services:
     metrics.track_snapshot(lambda: store.snapshot_built_at, settings.snapshot_max_age_seconds)
     shadows = ShadowRunner(metrics, settings.shadow_max_in_flight)
     request_ids = request_ids_of(settings)
-    ranker = Ranker(state, store, metrics, executor, shadows, request_ids)
+    served_log = None
+    if settings.served_log_dir is not None:
+        served_log = ServedLog(
+            settings.served_log_dir, settings.served_log_sample, metrics,
+            flush_s=settings.served_log_flush_s, max_rows=settings.served_log_max_rows,
+        )  # fmt: skip
+    ranker = Ranker(state, store, metrics, executor, shadows, request_ids, served_log)
     recommender = await start_recall(settings, metrics, state, ranker)
     events = None
     if settings.redis_url is not None:  # the event stream lives beside the features
@@ -219,6 +226,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             services.ranker.shadows.close()
         if services.events is not None:
             await services.events.close()
+        if services.ranker.served_log is not None:
+            await asyncio.to_thread(services.ranker.served_log.close)  # writes what is queued
         app.state.services = None
         gc.unfreeze()
         if multiprocess_dir() is not None:  # drop this worker's live gauges from /metrics

@@ -160,6 +160,11 @@ class Metrics:
             "mtrank_events_orphaned", "Accepted events whose request_id this service did not mint",
             ["type"], registry=r,
         )  # fmt: skip
+        # Served-feature log (service/served_log.py)
+        self.served_log_rows = Counter(
+            "mtrank_served_log_rows", "Served-feature log rows (candidates), written or dropped",
+            ["result"], registry=r,
+        )  # fmt: skip
         # Shadows (service/shadow.py): never part of a response.
         self.shadow_runs = Counter(
             "mtrank_shadow_runs", "Shadow scorings by outcome (ok, error, timeout, busy)",

@@ -56,8 +56,10 @@ from service.request import RankQuery
 from service.request_ids import RequestIds
 from service.response import Outcome, response_body
 from service.rules import RerankResult, item_caps, rerank, rule_weight
+from service.served_log import ServedLog, ServedRequest, spec_meta
 from service.serving_state import Served, ServingState
 from service.shadow import ShadowJob, ShadowRunner
+from service.variants import Variant
 
 log = logging.getLogger("mtrank.pipeline")
 
@@ -95,6 +97,7 @@ class Ranker:
         executor: the inference threads.
         shadows: runs the config's shadow models after responses (None: shadows are off).
         request_ids: mints each answer's request_id (events name it; service/request_ids.py).
+        served_log: writes what the models saw for a sample of requests (None: off).
     """
 
     def __init__(
@@ -105,6 +108,7 @@ class Ranker:
         executor: ThreadPoolExecutor,
         shadows: ShadowRunner | None = None,
         request_ids: RequestIds | None = None,
+        served_log: ServedLog | None = None,
     ) -> None:
         self.state = state
         self.store = store
@@ -112,6 +116,8 @@ class Ranker:
         self.executor = executor
         self.shadows = shadows
         self.request_ids = request_ids or RequestIds(os.urandom(32))
+        self.served_log = served_log
+        self._log_meta: dict[int, tuple[Any, str]] = {}  # id(bundle) -> (bundle, segment meta)
 
     async def rank(self, query: RankQuery) -> dict[str, Any]:
         """Run every stage for one checked request; returns the JSON-ready response body."""
@@ -170,6 +176,9 @@ class Ranker:
                 hist = m.arm_scores.labels(experiment=exp, arm=arm)
                 for v in served_scores[np.isfinite(served_scores)].tolist():
                     hist.observe(v)
+        if self.served_log is not None and self.served_log.sampled():
+            self._log_served(body, query, scene_name, variant, feats, outputs, scores, reservation,
+                             now)  # fmt: skip
         shadows = served.plan.shadows(scene_name)
         if shadows and self.shadows is not None and feats.from_store:
             job = ShadowJob(
@@ -178,6 +187,29 @@ class Ranker:
             )  # fmt: skip
             self.shadows.submit(shadows, job)
         return body
+
+    def _log_served(
+        self, body: dict[str, Any], query: RankQuery, scene: str, variant: Variant,
+        feats: Features, outputs: dict[str, np.ndarray], scores: np.ndarray,
+        reservation: Reservation, now: datetime,
+    ) -> None:  # fmt: skip
+        """Queue this request's inputs, outputs and answer for the served-feature log."""
+        assert self.served_log is not None
+        bundle = variant.bundle
+        cached = self._log_meta.get(id(bundle))
+        if cached is None or cached[0] is not bundle:
+            if len(self._log_meta) > 16:
+                self._log_meta.clear()
+            cached = self._log_meta[id(bundle)] = (
+                bundle, spec_meta(bundle.spec, list(bundle.output_names))
+            )  # fmt: skip
+        self.served_log.record(ServedRequest(
+            body["request_id"], now.timestamp(), query.user_id, query.item_ids, scene,
+            ",".join(f"{e}={a}" for e, a in variant.arms),
+            ",".join(f"{n}@{v}" for n, v in bundle.versions.items()),
+            self.store.snapshot_version or "", feats.from_store, feats.sparse, feats.dense,
+            scores, outputs, reservation.order, cached[1],
+        ))  # fmt: skip
 
     async def _features(
         self, query: RankQuery, served: Served, day: str, degraded: list[str]

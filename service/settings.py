@@ -87,6 +87,16 @@ class Settings(BaseSettings):
     events_key: str | None = Field(
         None, min_length=16, description="request-id key; None: derived from the deployment"
     )
+    served_log_dir: Path | None = Field(
+        None, description="served-feature log directory (mtrank.served_log); None: off"
+    )
+    served_log_sample: float = Field(
+        0.01, ge=0.0, le=1.0, description="share of requests logged (drawn per request)"
+    )
+    served_log_flush_s: float = Field(5.0, gt=0.0, description="a segment at least this often")
+    served_log_max_rows: int = Field(
+        100_000, ge=1, description="rows (candidates) per segment at most"
+    )
     shadow_max_in_flight: int = Field(
         4, ge=1, le=1024,
         description="shadow runs not yet finished beyond which new ones are skipped (busy)",

@@ -50,6 +50,7 @@ SERVICE_METRICS: Mapping[str, str] = {
     "mtrank_shadow_output_shift": "histogram",
     "mtrank_events_total": "counter",
     "mtrank_events_orphaned_total": "counter",
+    "mtrank_served_log_rows_total": "counter",
 }
 
 # Grafana's interval macros, with values a 10 s scrape interval makes safe (>= 4 scrapes).

@@ -66,6 +66,12 @@ from training.optim import (
 )
 from training.pretrained import FrozenRows, init_embeddings
 from training.reports import to_json
+from training.warm_start import (
+    WarmStart,
+    load_warm_weights,
+    prepare_warm_start,
+    with_checkpoint_model,
+)
 
 log = logging.getLogger(__name__)
 HISTORY = "history.json"
@@ -239,11 +245,17 @@ def _average_grads(module: nn.Module, c: Cluster) -> None:
             p.grad /= c.world_size
 
 
-def train(cfg: TrainConfig, out_dir: Path, data: PreparedData | None = None) -> TrainResult:
-    """Train ``cfg`` on ``data`` (prepared from ``cfg.dataset`` when None) into ``out_dir``."""
+def train(
+    cfg: TrainConfig,
+    out_dir: Path,
+    data: PreparedData | None = None,
+    init_from: Path | None = None,
+) -> TrainResult:
+    """Train ``cfg`` on ``data`` (prepared from ``cfg.dataset`` when None) into ``out_dir``;
+    ``init_from``: warm-start from that checkpoint (training/warm_start.py)."""
     c = join_cluster(cfg.device)
     try:
-        return _train(cfg, Path(out_dir), data, c)
+        return _train(cfg, Path(out_dir), data, c, init_from)
     finally:
         if c.owns_group:
             dist.destroy_process_group()
@@ -254,25 +266,38 @@ def _snapshot(module: nn.Module) -> dict[str, Tensor]:
     return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
 
 
-def _train(cfg: TrainConfig, out: Path, data: PreparedData | None, c: Cluster) -> TrainResult:
+def _train(
+    cfg: TrainConfig, out: Path, data: PreparedData | None, c: Cluster, init_from: Path | None
+) -> TrainResult:
     if data is None:
         data = _prepare(cfg, c)
+    warm = None
+    if init_from is not None:
+        warm, data = prepare_warm_start(init_from, data)
+        cfg = with_checkpoint_model(cfg, warm)
     if cfg.early_stopping.metric != "valid_loss" and data.valid is None:
         raise ConfigError(
             f"early_stopping.metric {cfg.early_stopping.metric!r} needs a valid split"
         )
     if c.main:
         out.mkdir(parents=True, exist_ok=True)
-    return _Run(cfg, out, data, c).run()
+    return _Run(cfg, out, data, c, warm).run()
 
 
 class _Run:
     """One training run: the set-up, the step, the validation point and the loop over epochs."""
 
-    def __init__(self, cfg: TrainConfig, out: Path, data: PreparedData, c: Cluster) -> None:
+    def __init__(
+        self, cfg: TrainConfig, out: Path, data: PreparedData, c: Cluster,
+        warm: WarmStart | None = None,
+    ) -> None:  # fmt: skip
         self.cfg, self.out, self.data, self.c = cfg, out, data, c
         set_seed(cfg.seed)
         model = build_model(cfg, data.spec)
+        if warm is not None:
+            rows = load_warm_weights(model, warm)
+            log.info("warm start from %s: %d embedding rows kept, new ids %s",
+                     warm.checkpoint, rows, warm.added)  # fmt: skip
         self.frozen: list[FrozenRows] = []
         if cfg.model.init_embeddings:
             loaded, self.frozen = init_embeddings(model, data.spec, cfg.model.init_embeddings)
@@ -287,7 +312,9 @@ class _Run:
                 )
         # every rank reads the whole train split, so all compute the same rates and biases
         self.base_rates = label_base_rates(data.train, cfg.dataset.tasks)
-        self.output_bias = model.init_output_bias(self.base_rates) if cfg.init_output_bias else {}
+        # a warm start keeps the trained output biases (training/warm_start.py)
+        init_bias = cfg.init_output_bias and warm is None
+        self.output_bias = model.init_output_bias(self.base_rates) if init_bias else {}
         self.model = model.to(c.device)
         self.weighting = build_weighting(cfg, model.task_kinds).to(c.device)
         # before DDP wraps the model: a sparse embedding optimiser changes the tables' gradients
@@ -496,6 +523,10 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--config", required=True, type=Path)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--out", type=Path, default=None, help="run folder (default from config)")
+    parser.add_argument(
+        "--init-from", type=Path, default=None, metavar="CHECKPOINT",
+        help="warm-start: the checkpoint's weights, its vocabularies grown with the new ids",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     quiet = int(os.environ.get("RANK", "0")) != 0  # under torchrun, one rank reports
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s")
@@ -506,7 +537,7 @@ def main(argv: list[str]) -> int:
         return 2
     out = args.out or Path(cfg.out_dir) / f"{cfg.dataset.name}_{cfg.model.type}"
     try:
-        result = train(cfg, out)
+        result = train(cfg, out, init_from=args.init_from)
     except ConfigError as e:
         log.error("mtrank train: %s", e)
         return 2

@@ -90,7 +90,9 @@ class ServedLog:
         self._writing = False
         self._flushing = False
         self._seq = 0
-        self._prefix = f"{socket.gethostname()}-{os.getpid()}"
+        # host, process and this writer's start: two writers never share a name (a restarted
+        # app in one process starts its sequence again)
+        self._prefix = f"{socket.gethostname()}-{os.getpid()}-{time.time_ns() // 1_000_000}"
         self._thread = threading.Thread(target=self._run, name="mtrank-served-log", daemon=True)
         self._thread.start()
 

@@ -68,6 +68,7 @@ LOAD_SECONDS = 10.0
 # to span several: each connection pauses between requests (3 x 160 requests x 25 ms >= 4 s).
 THINK_S = 0.025
 DEGRADED_REQUESTS = 12
+EVENT_BATCHES = 12  # POST /events batches to the healthy ranker, spread over the load
 N_CAPPED = 4  # items whose exposure counter is pre-set far above any cap
 INGEST_TIMEOUT_S = 30.0  # generous: other people's benchmarks share the 2 cores
 
@@ -194,7 +195,11 @@ def rankers(
 ) -> Iterator[tuple[ServiceProcess, ServiceProcess]]:
     """(healthy ranker with 2 workers, degraded ranker with 1 worker and no Redis)."""
     ns, _ = namespace
-    healthy = ServiceProcess(ranker_env(trained_world, REDIS_URL, ns, ranking_config), workers=2)
+    served_log = {"MTRANK_SERVED_LOG_DIR": str(ranking_config.parent / "served"),
+                  "MTRANK_SERVED_LOG_SAMPLE": "1", "MTRANK_SERVED_LOG_FLUSH_S": "1"}  # fmt: skip
+    healthy = ServiceProcess(
+        {**ranker_env(trained_world, REDIS_URL, ns, ranking_config), **served_log}, workers=2
+    )
     dead_redis = f"redis://127.0.0.1:{closed_port()}/0"
     degraded = ServiceProcess(ranker_env(trained_world, dead_redis, ns, ranking_config), workers=1)
     with contextlib.ExitStack() as stack:
@@ -266,6 +271,22 @@ def admin_reloads(base_url: str, config: Path, broken_only: bool = False) -> lis
     return statuses
 
 
+def event_traffic(base_url: str, stop: threading.Event) -> list[int]:
+    """Small event batches to the healthy ranker over the load (so the events panel has rates);
+    each batch holds one event twice over two sends (a duplicate) and a made-up request id (an
+    orphan)."""
+    statuses = []
+    for k in range(EVENT_BATCHES):
+        batch = [{"event_id": f"live-{k}-{j}", "type": kind, "request_id": f"unknown-{k}",
+                  "user_id": "1", "item_id": "1000001", "ts": time.time() - 5}
+                 for j, kind in enumerate(("impression", "click", "cart", "collect"))]  # fmt: skip
+        for _ in range(2):  # the second send: every event a duplicate
+            statuses.append(http_post(base_url + "/events", orjson.dumps({"events": batch}))[0])
+        if stop.wait(LOAD_SECONDS / EVENT_BATCHES):
+            break
+    return statuses
+
+
 def degraded_traffic(base_url: str, body: Body, stop: threading.Event) -> list[dict[str, Any]]:
     """Requests to the Redis-less ranker, spread over the load so rates see several scrapes."""
     out = []
@@ -306,8 +327,13 @@ def drive_traffic(
         side["reloads"] = admin_reloads(healthy.base_url, config)
         side["degraded"] = degraded_traffic(degraded.base_url, body, done)
 
+    def events() -> None:
+        side["events"] = event_traffic(healthy.base_url, done)
+
     worker = threading.Thread(target=side_traffic, name="side-traffic")
     worker.start()
+    eventer = threading.Thread(target=events, name="event-traffic")
+    eventer.start()
     try:
         load = asyncio.run(
             run_load(
@@ -318,7 +344,9 @@ def drive_traffic(
     finally:
         done.set()
         worker.join(60)
-    assert not worker.is_alive()
+        eventer.join(60)
+    assert not worker.is_alive() and not eventer.is_alive()
+    assert side["events"] and set(side["events"]) == {200}, side["events"]
     assert not load.errors, load.errors[:3]
     assert len(load.samples) >= 100, load.summary()
     # run_load hands out k = 0, 1, 2 ... so the kinds sent follow from the count.

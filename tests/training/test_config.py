@@ -26,6 +26,7 @@ def absolute_dataset() -> str:
 
 
 def test_shipped_configs_load() -> None:
+    from training.ltr.config import load_ltr_config
     from training.recall.config import load_recall_config
 
     for path in sorted(CONFIGS.glob("*.yaml")):
@@ -33,6 +34,8 @@ def test_shipped_configs_load() -> None:
             load_dataset_spec(path)
         elif path.name.startswith("recall_"):
             load_recall_config(path)
+        elif path.name.startswith("ltr_"):
+            load_ltr_config(path)
         elif path.name != "tune_fusion.yaml":
             load_train_config(path)
 

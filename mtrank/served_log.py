@@ -5,9 +5,9 @@ models saw and said; ``mtrank logs export`` (training/logs.py) joins those rows 
 that followed and writes Parquet a dataset spec reads. Training on those rows cannot suffer from
 training/serving skew: the inputs are the served ones, byte for byte.
 
-Layout: ``DIR/YYYYMMDD/HOST-PID-STARTMS-SEQ.npz`` (the UTC day of the segment's first row), written to a
-temporary name and renamed, so a reader never sees half a segment. One row per candidate of a
-logged request, in the request's candidate order:
+Layout: ``DIR/YYYYMMDD/HOST-PID-STARTMS-SEQ.npz`` (the UTC day of the segment's first row),
+written to a temporary name and renamed, so a reader never sees half a segment. One row per
+candidate of a logged request, in the request's candidate order:
 
 ===================  ==============  =====================================================
 array                dtype, shape    meaning

@@ -58,16 +58,41 @@ class TaskColumn(_Strict):
         "seconds); the exported output is inverted back to the label's units",
     )
 
+    elapsed: str | None = Field(
+        None,
+        description="a delayed binary label: column with the days from the row's event (the "
+        "click) to the observation cut-off; model.delayed_feedback reads it",
+    )
+    delay: str | None = Field(
+        None,
+        description="with elapsed: column with the days from the row's event to the conversion, "
+        "read where the label is 1 (may be missing elsewhere)",
+    )
+
     @model_validator(mode="after")
     def _transform_needs_regression(self) -> TaskColumn:
         if self.transform != "none" and self.kind != "regression":
             raise ValueError(f"task {self.name!r}: transform applies to regression tasks only")
         return self
 
+    @model_validator(mode="after")
+    def _timing_of_binary_labels(self) -> TaskColumn:
+        if (self.elapsed or self.delay) and self.kind != "binary":
+            raise ValueError(f"task {self.name!r}: elapsed and delay apply to binary tasks only")
+        if self.delay is not None and self.elapsed is None:
+            raise ValueError(f"task {self.name!r}: delay needs elapsed")
+        return self
+
+
+def timing_key(task: str, column: Literal["elapsed", "delay"]) -> str:
+    """The key under which a delayed task's timing column travels beside its labels (the data
+    pipeline stores it there, the delayed-feedback loss reads it): ``cvr@elapsed``."""
+    return f"{task}@{column}"
+
 
 class DatasetSpec(_Strict):
     name: str
-    format: Literal["csv", "parquet"] = "csv"
+    format: Literal["csv", "parquet", "served"] = "csv"
     train: str
     valid: str | None = None
     test: str | None = None
@@ -83,6 +108,17 @@ class DatasetSpec(_Strict):
         description="rows whose child label is positive while the parent is 0: fail, drop them, "
         "or set the parent label to 1",
     )
+    # format: served (training/served_data.py): rows exported by ``mtrank logs export``, whose
+    # inputs are already encoded with this spec's vocabularies and normalisation.
+    feature_spec: str | None = Field(
+        None, description="format served only: the served model's spec.json (the rows' encoding)"
+    )
+
+    @model_validator(mode="after")
+    def _served_rows_name_their_spec(self) -> DatasetSpec:
+        if (self.format == "served") != (self.feature_spec is not None):
+            raise ValueError("feature_spec: format 'served' needs it, the other formats take none")
+        return self
 
     @model_validator(mode="after")
     def _check(self) -> DatasetSpec:
@@ -141,6 +177,70 @@ class DebiasConfig(_Strict):
     imputation_weight: float = Field(
         1.0, ge=0.0, description="DR only (escm2_dr, dr_jl): weight of the imputation loss"
     )
+
+
+DELAYED_FEEDBACK_MODELS = ("esmm", "base")  # model types whose funnel child loss takes it
+
+
+class DelayedFeedbackConfig(_Strict):
+    """Conversions that arrive after the training cut-off (models ``esmm`` and ``base``): how
+    the funnel child's loss treats a click that has not converted yet. The child task names its
+    ``elapsed`` (and ``delay``) columns. See training/models/delayed.py."""
+
+    method: Literal["naive", "window", "dfm", "es_dfm"] = Field(
+        "naive",
+        description="naive: not yet converted counts as negative; window: only rows older than "
+        "window_days; dfm: Chapelle's delayed feedback model; es_dfm: elapsed-time sampling",
+    )
+    window_days: float | None = Field(
+        None, gt=0.0, description="window only: rows younger than this leave the child's loss"
+    )
+    elapsed_hours: float = Field(
+        0.25,
+        ge=0.0,
+        description="es_dfm: c, the wait before a click enters the stream with the label seen "
+        "by then (the authors' default, 15 minutes)",
+    )
+    complete_after_days: float | None = Field(
+        None,
+        gt=0.0,
+        description="es_dfm only: rows at least this old count as fully labelled; the "
+        "true-negative and delayed-positive heads learn from them",
+    )
+    stream_days: float | None = Field(
+        None,
+        gt=0.0,
+        description="es_dfm only: the stream is the events of this many days before the "
+        "cut-off (a click's first entry if it entered then, a conversion if it arrived then), "
+        "and older rows serve the two heads and their late conversions; None: every row's entries",
+    )
+    aux_weight: float = Field(
+        1.0, ge=0.0, description="es_dfm: weight of those two heads' losses in the child's loss"
+    )
+
+    @model_validator(mode="after")
+    def _keys_of_the_method(self) -> DelayedFeedbackConfig:
+        m = self.method
+        if (m == "window") != (self.window_days is not None):
+            raise ValueError(
+                "window_days: method 'window' needs it, the other methods take none"
+                f" (method {m!r}, window_days {self.window_days})"
+            )
+        if (m == "es_dfm") != (self.complete_after_days is not None):
+            raise ValueError(
+                "complete_after_days: method 'es_dfm' needs it, the other methods take none"
+                f" (method {m!r}, complete_after_days {self.complete_after_days})"
+            )
+        if self.stream_days is not None and m != "es_dfm":
+            raise ValueError(f"stream_days: only method 'es_dfm' takes it (method {m!r})")
+        if self.complete_after_days is not None and self.complete_after_days * 24.0 <= (
+            self.elapsed_hours
+        ):
+            raise ValueError(
+                "complete_after_days must exceed elapsed_hours: a row must outlive the wait "
+                "before its label counts as final"
+            )
+        return self
 
 
 class AITMConfig(_Strict):
@@ -219,6 +319,7 @@ class ModelConfig(_Strict):
     esmm_bottom: Literal["shared_bottom", "mmoe", "ple"] = "shared_bottom"
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     debias: DebiasConfig = DebiasConfig()
+    delayed_feedback: DelayedFeedbackConfig = DelayedFeedbackConfig()
     aitm: AITMConfig = AITMConfig()
     cross_stitch: CrossStitchConfig = CrossStitchConfig()
     l2_constrained: L2ConstrainedConfig = L2ConstrainedConfig()
@@ -234,6 +335,17 @@ class ModelConfig(_Strict):
             known = ", ".join(MODEL_TYPES)
             raise ValueError(f"unknown model type {value!r}; known types: {known}")
         return value
+
+    @model_validator(mode="after")
+    def _delayed_feedback_on_a_funnel(self) -> ModelConfig:
+        method = self.delayed_feedback.method
+        if method != "naive" and self.type not in DELAYED_FEEDBACK_MODELS:
+            raise ValueError(
+                f"delayed_feedback.method {method!r} needs model.type "
+                f"{' or '.join(DELAYED_FEEDBACK_MODELS)} (a funnel whose child loss it replaces), "
+                f"got {self.type!r}"
+            )
+        return self
 
 
 class TaskWeights(_Strict):
@@ -390,7 +502,7 @@ def _validate(cls: type[_M], data: dict[str, Any], path: Path) -> _M:
 def load_dataset_spec(path: Path | str) -> DatasetSpec:
     path = Path(path)
     data = _read_yaml(path)
-    for key in ("train", "valid", "test"):
+    for key in ("train", "valid", "test", "feature_spec"):
         if isinstance(data.get(key), str):
             data[key] = str((path.parent / data[key]).resolve())
     return _validate(DatasetSpec, data, path)
@@ -404,7 +516,7 @@ def load_train_config(path: Path | str, overrides: dict[str, Any] | None = None)
     if isinstance(ds, str):
         data["dataset"] = load_dataset_spec(path.parent / ds).model_dump()
     elif isinstance(ds, dict):
-        for key in ("train", "valid", "test"):
+        for key in ("train", "valid", "test", "feature_spec"):
             if isinstance(ds.get(key), str):
                 ds[key] = str((path.parent / ds[key]).resolve())
     model = data.get("model")

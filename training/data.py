@@ -12,6 +12,13 @@ The fingerprint hashes the dataset spec and each source file's path, size and mt
 run on unchanged inputs opens the cached arrays as memory maps and parses no text. A cache is
 built in a temporary folder and renamed into place, so concurrent DDP ranks never see half of
 one. Sparse values are keyed by ``str(raw)``, exactly as the service keys them.
+
+A delayed task's timing columns (``elapsed`` and ``delay``, training/models/delayed.py) are read
+as float32 and travel beside its labels under ``timing_key(task, column)``.
+
+A ``format: served`` dataset (rows of ``mtrank logs export``, training/served_data.py) skips
+both encodings: the FeatureSpec is the served model's (pass 1 only checks it against the files),
+and pass 2 copies the stored inputs.
 """
 
 from __future__ import annotations
@@ -37,7 +44,8 @@ import pyarrow.parquet as pq
 from numpy.lib.format import open_memmap
 
 from mtrank.spec import OOV_INDEX, DenseField, FeatureSpec, SparseField, TaskOutput
-from training.config import DatasetSpec, TaskColumn
+from training.config import DatasetSpec, TaskColumn, timing_key
+from training.served_data import input_columns, served_feature_spec, served_inputs
 
 log = logging.getLogger(__name__)
 CACHE_VERSION = 1
@@ -95,7 +103,7 @@ def stream_batches(
             f"(it has {len(have)} columns: {have[:12]}{' ...' if len(have) > 12 else ''})"
         )
     try:
-        if fmt == "parquet":
+        if fmt in ("parquet", "served"):
             yield from pq.ParquetFile(path).iter_batches(batch_size=batch_rows, columns=names)
             return
         types = {c: pa.float64() for c in numeric} | {c: pa.string() for c in text}
@@ -268,6 +276,47 @@ def _read_labels(ds: DatasetSpec, batch: pa.RecordBatch, path: Path) -> dict[str
     return labels
 
 
+def _timing(ds: DatasetSpec) -> list[tuple[str, TaskColumn, str]]:
+    """(key, task, column) of every timing column of the spec, elapsed before delay."""
+    out = []
+    for t in ds.tasks:
+        if t.elapsed is not None:
+            out.append((timing_key(t.name, "elapsed"), t, t.elapsed))
+        if t.delay is not None:
+            out.append((timing_key(t.name, "delay"), t, t.delay))
+    return out
+
+
+def _read_timing(
+    ds: DatasetSpec, batch: pa.RecordBatch, labels: dict[str, np.ndarray], path: Path
+) -> dict[str, np.ndarray]:
+    """The timing columns in days. An elapsed time must be known and >= 0 on every row; a delay
+    where the label is 1, and no longer than the elapsed time (a conversion seen after the
+    cut-off is a leak from the future). A delay elsewhere is never read: stored as 0."""
+    out: dict[str, np.ndarray] = {}
+    for key, t, column in _timing(ds):
+        x = _as_float(batch.column(column), path, column)
+        if column == t.elapsed:
+            bad = ~(x >= 0.0)  # NaN too
+            if bad.any():
+                raise DataError(
+                    f"{path}: elapsed column {column!r} of task {t.name!r} is missing or "
+                    f"negative in a row (batch row {int(np.flatnonzero(bad)[0])})"
+                )
+        else:
+            positive = labels[t.name] > 0
+            elapsed = out[timing_key(t.name, "elapsed")]
+            bad = positive & ~((x >= 0.0) & (x <= elapsed + 1e-6))
+            if bad.any():
+                raise DataError(
+                    f"{path}: delay column {column!r} of task {t.name!r} must lie in [0, elapsed] "
+                    f"where the label is 1 (batch row {int(np.flatnonzero(bad)[0])})"
+                )
+            x = np.where(positive, x, 0.0)
+        out[key] = x.astype(np.float32)
+    return out
+
+
 # ------------------------------------------------------------------ pass 1: the feature spec
 class _Moments:
     """Count, mean and sum of squared deviations, merged block by block (Chan et al.).
@@ -318,8 +367,10 @@ def _vocab(counts: dict[str, int], min_count: int) -> list[str]:
 def _roles(ds: DatasetSpec, with_labels: bool = True) -> tuple[list[str], list[str]]:
     text = [c.name for c in ds.sparse] + ([ds.user_column] if ds.user_column else [])
     numeric = [c.name for c in ds.dense] + [t.label for t in ds.tasks]
+    if ds.format == "served":  # inputs stored encoded, read as stored (training/served_data.py)
+        text, numeric = text[len(ds.sparse) :], input_columns(ds) + numeric[len(ds.dense) :]
     if with_labels:
-        numeric += list(ds.truth_columns)
+        numeric += list(ds.truth_columns) + [column for _, _, column in _timing(ds)]
     text = list(dict.fromkeys(text))
     return text, [c for c in dict.fromkeys(numeric) if c not in text]
 
@@ -445,6 +496,8 @@ def _encode_split(
         sinks[f"label_{i}"] = _NpySink(out / f"label_{i}.npy", np.float32, None)
     for i, _ in enumerate(ds.truth_columns):
         sinks[f"truth_{i}"] = _NpySink(out / f"truth_{i}.npy", np.float32, None)
+    for i, _ in enumerate(_timing(ds)):
+        sinks[f"timing_{i}"] = _NpySink(out / f"timing_{i}.npy", np.float32, None)
     if ds.user_column:
         sinks["groups"] = _NpySink(out / "groups.npy", np.int64, None)
     try:
@@ -476,16 +529,21 @@ def _encode_rows(
         n = batch.num_rows
         labels = _read_labels(ds, batch, path)
         keep = funnel.apply(labels, n)
-        cols: dict[str, np.ndarray] = {
-            "sparse": _stack([_encode_sparse(f, batch.column(f.name)) for f in spec.sparse], n),
-            "dense": _stack(
+        if ds.format == "served":
+            sparse, dense = served_inputs(batch, spec, path)
+        else:
+            sparse = _stack([_encode_sparse(f, batch.column(f.name)) for f in spec.sparse], n)
+            dense = _stack(
                 [f.normalise(_as_float(batch.column(f.name), path, f.name)) for f in spec.dense], n
-            ),
-        }
+            )
+        cols: dict[str, np.ndarray] = {"sparse": sparse, "dense": dense}
         for i, t in enumerate(ds.tasks):
             cols[f"label_{i}"] = labels[t.name]
         for i, name in enumerate(ds.truth_columns):
             cols[f"truth_{i}"] = _as_float(batch.column(name), path, name)
+        timing = _read_timing(ds, batch, labels, path)
+        for i, (key, _, _) in enumerate(_timing(ds)):
+            cols[f"timing_{i}"] = timing[key]
         if ds.user_column:
             cols["groups"] = _group_ids(batch.column(ds.user_column), users)
         for key, sink in sinks.items():
@@ -514,7 +572,7 @@ class Encoded:
 
     sparse: np.ndarray  # (N, S) int64
     dense: np.ndarray  # (N, D) float32
-    labels: dict[str, np.ndarray]  # task -> (N,) float32
+    labels: dict[str, np.ndarray]  # task (and timing key) -> (N,) float32
     groups: np.ndarray | None  # (N,) int64
     truth: dict[str, np.ndarray]  # name -> (N,) float32
 
@@ -522,7 +580,9 @@ class Encoded:
         return len(self.sparse)
 
     @classmethod
-    def open(cls, directory: Path, tasks: list[str], truth: list[str]) -> Encoded:
+    def open(
+        cls, directory: Path, tasks: list[str], truth: list[str], timing: Sequence[str] = ()
+    ) -> Encoded:
         def load(name: str) -> np.ndarray:
             arr: np.ndarray = np.load(directory / f"{name}.npy", mmap_mode="r")
             return arr
@@ -531,7 +591,8 @@ class Encoded:
         return cls(
             sparse=load("sparse"),
             dense=load("dense"),
-            labels={t: load(f"label_{i}") for i, t in enumerate(tasks)},
+            labels={t: load(f"label_{i}") for i, t in enumerate(tasks)}
+            | {k: load(f"timing_{i}") for i, k in enumerate(timing)},
             groups=groups,
             truth={t: load(f"truth_{i}") for i, t in enumerate(truth)},
         )
@@ -634,7 +695,15 @@ def fingerprint(ds: DatasetSpec) -> str:
     h = hashlib.sha256()
     paths = _split_paths(ds)
     dumped = ds.model_dump(mode="json") | {k: str(v) for k, v in paths.items()}
+    for task in dumped["tasks"]:  # a spec without timing columns keeps its older fingerprint
+        for key in ("elapsed", "delay"):
+            if task[key] is None:
+                del task[key]
+    if dumped["feature_spec"] is None:  # unchanged fingerprints for the encoding formats
+        del dumped["feature_spec"]
     h.update(json.dumps({"v": CACHE_VERSION, "ds": dumped}, sort_keys=True).encode())
+    if ds.feature_spec is not None:
+        paths = {**paths, "feature_spec": Path(ds.feature_spec).resolve()}
     for split, path in paths.items():
         try:
             st = path.stat()
@@ -646,7 +715,10 @@ def fingerprint(ds: DatasetSpec) -> str:
 
 def _load(directory: Path) -> PreparedData:
     meta = json.loads((directory / META_FILE).read_text())
-    enc = {s: Encoded.open(directory / s, meta["tasks"], meta["truth"]) for s in meta["splits"]}
+    timing = meta.get("timing", [])
+    enc = {
+        s: Encoded.open(directory / s, meta["tasks"], meta["truth"], timing) for s in meta["splits"]
+    }
     return PreparedData(
         spec=FeatureSpec.load(directory),
         train=enc["train"],
@@ -681,7 +753,10 @@ def prepare(
     cache_dir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{fp}-", dir=cache_dir))
     try:
-        spec = _build_spec(ds, paths["train"], batch_rows, csv_block_bytes)
+        if ds.format == "served":
+            spec = served_feature_spec(ds, paths)
+        else:
+            spec = _build_spec(ds, paths["train"], batch_rows, csv_block_bytes)
         spec.save(tmp)
         users: dict[str, int] = {}
         reports = {
@@ -697,6 +772,7 @@ def prepare(
             "splits": list(paths),
             "tasks": [t.name for t in ds.tasks],
             "truth": list(ds.truth_columns),
+            "timing": [key for key, _, _ in _timing(ds)],
             "label_report": LabelReport(ds.funnel_policy, reports).to_dict(),
         }
         (tmp / META_FILE).write_text(json.dumps(meta, indent=1))

@@ -18,6 +18,14 @@
   (IPS, DR, ESCM²) can recover the latter from clicked rows.
   ``titles.parquet`` (item_id, title) gives each item a title whose words carry its category,
   brand and quality (training/titles.py), for the recall stage's text towers.
+  ``conversion_delays`` (default off) gives every purchase a delay after its click and writes the
+  log as it stood at an observation cut-off (``observation_cutoff_days`` after the last
+  impression): ``purchase_observed`` is the purchase that had happened by then, ``purchase`` stays
+  the eventual label. Delays are exponential with a mean per item category, the 50 means spaced
+  log-evenly from 1 hour to 14 days (:data:`DELAY_MEAN_DAYS`) and assigned to categories by a
+  seeded shuffle. Delayed-feedback models (training/models/delayed.py) learn from the observed
+  columns (``elapsed_days`` and ``purchase_delay_days`` as ``mtrank logs export`` names them);
+  benchmarks judge them on the eventual one.
 * ``mmoe``: the two-task regression of Ma et al., KDD 2018 (MMoE), section 3.2, whose task
   relatedness is set by the cosine similarity ``rho`` of the two weight vectors.
 * ``census``: the UCI Census-Income (KDD) file split into train/valid/test with the labels of
@@ -58,6 +66,12 @@ GENDERS = np.array(["F", "M", "U"])
 # logits at any strength. Base rates still move (a wider logit spread raises a low mean rate);
 # meta.json records them.
 BAIT_CLICK, BAIT_PURCHASE, BAIT_PIVOT = 2.6, -3.0, 0.45
+# Conversion delays (``conversion_delays``): exponential, with a mean per category spaced
+# log-evenly over this range (days), so some categories convert within the hour and others over
+# weeks. Exponential because that is the delay model of DFM (Chapelle, KDD 2014): the benchmark
+# then measures what censoring costs each estimator, not how wrong DFM's shape assumption is.
+DELAY_MEAN_DAYS = (1.0 / 24.0, 14.0)
+DAY_SECONDS = 86400
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:
@@ -294,6 +308,63 @@ def _impressions(
     return cols
 
 
+def delay_means(seed: int) -> np.ndarray:
+    """(N_CATEGORIES,) mean conversion delay in days of each category, from its own stream."""
+    lo, hi = DELAY_MEAN_DAYS
+    grid = np.geomspace(lo, hi, N_CATEGORIES)  # hours to weeks, evenly on a log scale
+    out: np.ndarray = np.random.default_rng([seed, 4]).permutation(grid)
+    return out
+
+
+def observe_conversions(
+    ts: np.ndarray, purchase: np.ndarray, delay_days: np.ndarray, cutoff_ts: float
+) -> dict[str, np.ndarray]:
+    """The conversion log as it stands at ``cutoff_ts`` (seconds), for events at ``ts`` (n,).
+
+    ``purchase`` (n,) is the eventual label and ``delay_days`` (n,) its delay (read where
+    ``purchase`` is 1). Returns ``purchase_observed`` (the purchase had happened by the cut-off),
+    ``elapsed_days`` (cut-off minus event time, every row) and ``purchase_delay_days`` (the delay
+    where observed, NaN elsewhere): what a log exported at the cut-off can know. A pure function,
+    so a benchmark can replay the log at any cut-off from the same draws.
+    """
+    ts = np.asarray(ts, dtype=np.float64)
+    if len(ts) and float(ts.max()) > cutoff_ts:
+        raise ValueError("observe_conversions: an event lies after the cut-off")
+    elapsed = (cutoff_ts - ts) / DAY_SECONDS  # (n,) days
+    seen = (np.asarray(purchase) > 0) & (np.asarray(delay_days) <= elapsed)  # (n,)
+    return {
+        "purchase_observed": seen,
+        "elapsed_days": elapsed,
+        "purchase_delay_days": np.where(seen, delay_days, np.nan),
+    }
+
+
+def _delay_columns(
+    rng: np.random.Generator, cols: dict[str, np.ndarray], means: np.ndarray, cutoff_ts: float
+) -> dict[str, Any]:
+    """The delay columns of one chunk. A delay is drawn for every row, bought or not, so the
+    stream's position never depends on the labels; only a purchase's delay is written."""
+    bought = cols["purchase"] == 1
+    delay = means[cols["category"]] * rng.exponential(size=len(bought))  # (n,) days
+    seen = observe_conversions(cols["ts"], bought, delay, cutoff_ts)
+    return {
+        "click_ts": pa.array(cols["ts"], mask=cols["click"] == 0),  # clicks follow at once
+        "true_delay_days": pa.array(delay, mask=~bought),  # truth: the eventual delay
+        "purchase_observed": seen["purchase_observed"].astype(np.int8),
+        "elapsed_days": seen["elapsed_days"],
+        "purchase_delay_days": pa.array(delay, mask=~seen["purchase_observed"]),
+    }
+
+
+def _delay_setup(seed: int, on: bool, cutoff_days: float) -> tuple[np.ndarray | None, float]:
+    """(per-category mean delays or None when off, the cut-off in seconds); checks the options."""
+    if not cutoff_days >= 0.0:
+        raise ValueError(f"observation_cutoff_days must be >= 0, got {cutoff_days}")
+    if cutoff_days and not on:
+        raise ValueError("observation_cutoff_days needs conversion_delays")
+    return (delay_means(seed) if on else None), (TODAY_DAY + cutoff_days) * DAY_SECONDS
+
+
 def _chunks(n: int, size: int) -> Iterator[tuple[int, np.ndarray]]:
     for c, start in enumerate(range(0, n, size)):
         yield c, np.arange(start, min(start + size, n))
@@ -307,6 +378,8 @@ def generate_ecommerce(
     selection_bias: float = 1.0,
     hidden_confounding: float = 0.0,
     personalization: float = 0.0,
+    conversion_delays: bool = False,
+    observation_cutoff_days: float = 0.0,
 ) -> dict[str, Any]:
     """Write users.parquet, items.parquet, {train,valid,test}.<fmt> and meta.json; return meta.
 
@@ -318,7 +391,10 @@ def generate_ecommerce(
     from its own stream, so the rest of the world is the same at any value. ``personalization``
     in [0, 1] is the share of impressions drawn from the user's taste (:class:`Taste`) rather than
     global popularity, as when a recall stage chose them (0: none, the default world); it too
-    draws from its own stream.
+    draws from its own stream. ``conversion_delays`` appends the delay columns (click_ts,
+    true_delay_days, purchase_observed, elapsed_days, purchase_delay_days) as observed
+    ``observation_cutoff_days`` >= 0 after the last impression; its draws have their own stream
+    and every other column is unchanged, as is the whole output when it is off.
     """
     if n_impressions < 10:
         raise ValueError(f"n_impressions must be >= 10, got {n_impressions}")
@@ -328,6 +404,7 @@ def generate_ecommerce(
         raise ValueError(f"hidden_confounding must be >= 0, got {hidden_confounding}")
     if not 0.0 <= personalization <= 1.0:
         raise ValueError(f"personalization must be in [0, 1], got {personalization}")
+    means, cutoff_ts = _delay_setup(seed, conversion_delays, observation_cutoff_days)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     ent_rng = np.random.default_rng([seed, 0])
@@ -348,7 +425,7 @@ def generate_ecommerce(
     taste = Taste(users, items) if personalization > 0 else None
     writer = _SplitWriter(out_dir, n_impressions, fmt, SPLIT_FRACTIONS)
     sums = dict.fromkeys(("click", "cf_purchase", "purchase", "cart", "collect", "cvr_clk"), 0.0)
-    sums |= {"true_cvr": 0.0, "quality": 0.0, "quality_clk": 0.0}
+    sums |= {"true_cvr": 0.0, "quality": 0.0, "quality_clk": 0.0, "purchase_observed": 0.0}
     for c, rows in _chunks(n_impressions, CHUNK_ROWS):
         rng = np.random.default_rng([seed, 1, c])
         hidden = None
@@ -357,9 +434,12 @@ def generate_ecommerce(
         targeting = None
         if taste is not None:
             targeting = (taste, personalization, np.random.default_rng([seed, 3, c]))
-        cols = _impressions(
+        cols: dict[str, Any] = _impressions(
             rng, users, items, rows, n_impressions, selection_bias, hidden, targeting
         )
+        if means is not None:  # appended after every existing column, from its own stream
+            cols |= _delay_columns(np.random.default_rng([seed, 4, c]), cols, means, cutoff_ts)
+            sums["purchase_observed"] += float(np.sum(cols["purchase_observed"]))
         writer.write(pa.table(cols), int(rows[0]))
         clk = cols["click"] == 1
         for k in ("click", "cf_purchase", "purchase", "cart", "collect", "true_cvr", "quality"):
@@ -368,7 +448,7 @@ def generate_ecommerce(
         sums["quality_clk"] += float(np.sum(cols["quality"][clk]))
     split_rows = writer.close()
     n, clicks = float(n_impressions), max(sums["click"], 1.0)
-    meta = {
+    meta: dict[str, Any] = {
         "kind": "ecommerce",
         "seed": seed,
         "format": fmt,
@@ -397,6 +477,15 @@ def generate_ecommerce(
             "mean_quality_clicked": sums["quality_clk"] / clicks,
         },
     }
+    if means is not None:  # only then: the default world's meta.json stays byte-identical
+        meta["rates"]["purchase_observed_after_click"] = sums["purchase_observed"] / clicks
+        meta["conversion_delays"] = {
+            "distribution": "exponential",
+            "mean_days_by_category": [round(float(m), 6) for m in means],
+            "observation_cutoff_days": observation_cutoff_days,
+            "cutoff_ts": int(cutoff_ts),
+            "observed_share": sums["purchase_observed"] / max(sums["purchase"], 1.0),
+        }
     (out_dir / "meta.json").write_text(json.dumps(meta, indent=1))
     return meta
 
@@ -583,6 +672,19 @@ def _parser() -> argparse.ArgumentParser:
         default=0.0,
         help="share of impressions drawn from the user's taste, not popularity (default 0)",
     )
+    e.add_argument(
+        "--conversion-delays",
+        action="store_true",
+        help="give purchases a delay (exponential, mean per category, 1 hour to 14 days) and "
+        "write the log as observed at the cut-off (purchase_observed, elapsed_days, ...)",
+    )
+    e.add_argument(
+        "--observation-cutoff-days",
+        type=float,
+        default=0.0,
+        help="with --conversion-delays: days after the last impression at which conversions "
+        "are read (default 0: at the end of the log)",
+    )
     m = sub.add_parser("mmoe", help="MMoE paper two-task regression with task correlation rho")
     m.add_argument("--out", type=Path, required=True)
     m.add_argument("--correlation", type=float, required=True)
@@ -609,6 +711,8 @@ def main(argv: list[str]) -> int:
             args.selection_bias,
             args.hidden_confounding,
             args.personalization,
+            args.conversion_delays,
+            args.observation_cutoff_days,
         )
     elif args.kind == "mmoe":
         meta = generate_mmoe(

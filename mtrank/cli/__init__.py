@@ -46,6 +46,14 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "training.ltr.evaluate",
         "NDCG@K and GMV@K of an LTR version and formula baselines on a split",
     ),
+    "events": (
+        "training.events_archive",
+        "events archive: copy the event stream to Parquet through a consumer group",
+    ),
+    "logs": (
+        "training.logs",
+        "logs export: served-feature rows joined with later events, as a training data set",
+    ),
     "models": ("mtrank.cli.models", "list model versions, promote one to current"),
     "serve": ("service.cli", "run the ranking service (uvicorn)"),
     "demo": ("mtrank.cli.demo", "train a small model if none exists, then serve it"),

@@ -48,6 +48,7 @@ from training.config import (
     CrossStitchConfig,
     DatasetSpec,
     DebiasConfig,
+    DelayedFeedbackConfig,
     DenseColumn,
     EarlyStopping,
     EmbeddingOptimizer,
@@ -413,7 +414,7 @@ CONFIG_MODELS: tuple[type[BaseModel], ...] = (
     DatasetSpec, SparseColumn, DenseColumn, TaskColumn, TrainConfig, ModelConfig, TaskWeights,
     WeightingConfig, EarlyStopping, DebiasConfig, AITMConfig, CrossStitchConfig,
     L2ConstrainedConfig, ValidationConfig, LRSchedule, EmbeddingRegularization,
-    EmbeddingOptimizer,
+    EmbeddingOptimizer, DelayedFeedbackConfig,
 )  # fmt: skip
 
 
@@ -449,6 +450,7 @@ def _scalar(value: Any) -> str | None:
         ("model-config", ModelConfig, 1),
         ("debias-config", DebiasConfig, 1),
         ("aitm-config", AITMConfig, 1),
+        ("delayed-feedback-config", DelayedFeedbackConfig, 1),
     ],
 )
 def test_training_defaults_match_the_config_models(

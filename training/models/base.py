@@ -200,7 +200,9 @@ class MultiTaskModel(nn.Module, ABC):
         """The ordinary loss of every task not in ``skip`` (a model with its own loss for some
         tasks computes those itself and takes the rest from here)."""
         lw = self.label_weights if label_weights is None else label_weights
-        return {n: self.task_loss_of(n, outputs, labels, lw) for n in self.task_names if n not in skip}
+        return {
+            n: self.task_loss_of(n, outputs, labels, lw) for n in self.task_names if n not in skip
+        }
 
     def task_loss_of(
         self,

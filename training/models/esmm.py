@@ -27,6 +27,11 @@ components instead: at the weighted optimum the CTR tower learns odds x w_p and 
 ctcvr odds x w_c, so predict() divides the product's odds by w_c, takes ctr = sigmoid(logit -
 log w_p), and derives cvr = ctcvr / ctr (clipped to [0, 1]) and ctcvr = ctr x cvr. This is exact
 as long as the weighted ctcvr stays below the weighted ctr (w_c not much larger than w_p).
+
+Delayed conversions (``model.delayed_feedback``, training/models/delayed.py): with a method other
+than naive, the child's loss (BASE: the clicked-only CVR loss; ESMM: the CTCVR loss) becomes that
+method's loss on the same probability, and the method's training-only heads read the child's
+representation; ``predict`` and so the exported graph are unchanged.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ from torch import Tensor
 
 from mtrank.spec import FeatureSpec
 from training.config import ConfigError, ModelConfig, TaskColumn, TaskWeights
+from training.models import delayed
 from training.models.base import (
     RATE_EPS,
     Bottom,
@@ -83,6 +89,54 @@ class _FunnelModel(MultiTaskModel):
         super().__init__(cfg, spec, tasks, weights)
         self.parent, self.child = parent.name, child.name
         self.others = [n for n in self.task_names if n not in (self.parent, self.child)]
+        self.child_index = self.task_names.index(self.child)
+        self.delayed = delayed.build(
+            cfg.delayed_feedback, child, self.bottom.out_dim, cfg.tower_units, cfg.dropout
+        )
+        if self.delayed is not None:
+            self._check_delayed_feedback()
+
+    def _check_delayed_feedback(self) -> None:
+        clash = sorted(set(delayed.RESERVED) & set(self.task_names))
+        if clash:
+            raise ConfigError(f"task names {clash} are reserved for delayed-feedback outputs")
+        for name in (self.parent, self.child):
+            if self.label_weights[name] != 1.0:
+                raise ConfigError(
+                    f"tasks.{name}.label_weight: model.delayed_feedback takes no label weight on "
+                    "the funnel's tasks (it would move the delayed-feedback optimum, not undone "
+                    "by predict)"
+                )
+
+    def forward(self, sparse: Tensor, dense: Tensor) -> dict[str, Tensor]:
+        reps = self.bottom(sparse, dense)  # T x (B, d)
+        out = self.heads(reps)
+        if self.delayed is not None:  # training-only heads; predict serves the task outputs
+            out |= self.delayed(reps[self.child_index])
+        return out
+
+    def loss_rows(self, name: str, labels: Mapping[str, Tensor]) -> float:
+        if self.delayed is not None and name == self.child:
+            target, scope = self.delayed_rows(labels)
+            return self.delayed.rows(target, labels, scope)
+        return super().loss_rows(name, labels)
+
+    def delayed_rows(self, labels: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """(target, scope) of the child's delayed-feedback loss: the observed label it fits and
+        1 on the rows it covers. BASE: the child label on clicked rows (overridden by ESMM)."""
+        return labels[self.child], labels[self.parent]
+
+    def delayed_rate(self, base_rates: Mapping[str, float]) -> float:
+        """The target's base rate over the scope of :meth:`delayed_rows` (BASE: P(child |
+        parent); overridden by ESMM)."""
+        return base_rates[self.child]
+
+    @torch.no_grad()
+    def init_output_bias(self, base_rates: Mapping[str, float]) -> dict[str, float]:
+        biases = super().init_output_bias(base_rates)
+        if self.delayed is not None:
+            self.delayed.init_bias(self.delayed_rate(base_rates))
+        return biases
 
     def build_bottom(self, cfg: ModelConfig, spec: FeatureSpec, n_towers: int) -> Bottom:
         return _BOTTOMS[cfg.esmm_bottom](cfg, spec, n_towers)
@@ -111,8 +165,22 @@ class ESMMModel(_FunnelModel):
         y = labels[self.parent] * labels[self.child]  # (B,) click x conversion
         log_p = F.logsigmoid(a) + F.logsigmoid(b)  # (B,) log pCTCVR
         p = torch.exp(log_p).clamp(max=1.0 - 1e-7)  # (B,)
-        losses[self.child] = probability_bce(log_p, torch.log1p(-p), y, lw.get(self.child, 1.0))
+        if self.delayed is None:
+            losses[self.child] = probability_bce(log_p, torch.log1p(-p), y, lw.get(self.child, 1.0))
+        else:  # conversions still to come: the delayed-feedback loss of the same product
+            y, scope = self.delayed_rows(labels)
+            losses[self.child] = self.delayed.loss(
+                log_p, torch.log1p(-p), y, outputs, labels, scope
+            )
         return {n: losses[n] for n in self.task_names}
+
+    def delayed_rows(self, labels: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """Every impression, fitting click x conversion."""
+        y = labels[self.parent] * labels[self.child]  # (B,)
+        return y, torch.ones_like(y)
+
+    def delayed_rate(self, base_rates: Mapping[str, float]) -> float:
+        return base_rates[self.parent] * base_rates[self.child]
 
     def output_biases(self, base_rates: Mapping[str, float]) -> dict[str, float]:
         """The child's sigmoid multiplies the parent's: start the product at the (label-weighted)
@@ -125,7 +193,7 @@ class ESMMModel(_FunnelModel):
         return out
 
     def loss_rows(self, name: str, labels: Mapping[str, Tensor]) -> float:
-        if name == self.child:  # the CTCVR loss covers every impression
+        if name == self.child and self.delayed is None:  # the CTCVR loss covers every impression
             return float(len(labels[name]))
         return super().loss_rows(name, labels)
 
@@ -150,6 +218,22 @@ class BASEModel(_FunnelModel):
 
     That is the base model's conditional loss unchanged (models.base); BASE adds ``ctcvr``.
     """
+
+    def compute_losses(
+        self,
+        outputs: Mapping[str, Tensor],
+        labels: Mapping[str, Tensor],
+        label_weights: Mapping[str, float] | None = None,
+    ) -> dict[str, Tensor]:
+        if self.delayed is None:
+            return super().compute_losses(outputs, labels, label_weights)
+        losses = self.task_losses(outputs, labels, label_weights, skip=(self.child,))
+        x = outputs[self.child]  # (B,) CVR logit
+        y, scope = self.delayed_rows(labels)
+        losses[self.child] = self.delayed.loss(
+            F.logsigmoid(x), F.logsigmoid(-x), y, outputs, labels, scope
+        )
+        return {n: losses[n] for n in self.task_names}
 
     def predict(self, sparse: Tensor, dense: Tensor) -> dict[str, Tensor]:
         out = self.calibrated(self(sparse, dense))

@@ -23,8 +23,18 @@ BENCHMARKS = (
     "census",  # UCI Census-Income, MMoE paper table
     "esmm_ecommerce",  # ESMM paper table on synthetic e-commerce
     "train_start",  # early-training AUCs: output-bias initialisation and friends
+    "delayed_feedback",  # DFM / ES-DFM against naive under daily retraining
+    "recall_quality",  # recall models against popularity and co-occurrence
+    "pretrained_embeddings",  # item2vec / two-tower initialisation on rare items
+    "ltr_fusion",  # learned fusion against the formulas (NDCG@20, GMV)
     "train_throughput",  # training samples/s per model
     "serve",  # serving latency / throughput
+    "ann_index",  # faiss HNSW against exact and hnswlib at 1M items
+    "recommend",  # /recommend against its parts
+    "experiments",  # learned fusion, assignment and shadow costs
+    "events",  # POST /events ingestion rate
+    "served_log",  # served-feature logging cost
+    "logs_export",  # mtrank logs export of 1M rows
     "rules_bench",  # fusion + rerank micro-benchmark
     "assemble_bench",  # feature assembly micro-benchmark
     "sizing",  # memory per million items (Redis and embedded store)

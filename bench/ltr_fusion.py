@@ -96,6 +96,7 @@ QUICK = Sizes(40_000, 1, 200, 100, 20, max_steps=60)
 class Job:
     seed: int
     sizes: Sizes
+    resume: bool = False
 
     def __str__(self) -> str:
         return f"seed={self.seed}"
@@ -192,6 +193,11 @@ def run_seed(job: Job) -> dict[str, Any]:
 
     t0 = time.perf_counter()
     out = RUNS / f"seed{job.seed}"
+    saved = out / "result.json"
+    if job.resume and saved.is_file():
+        kept: dict[str, Any] = json.loads(saved.read_text())
+        if kept.get("sizes") == vars(job.sizes):
+            return kept
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     train_ranker(job, out)
@@ -267,8 +273,9 @@ def run_seed(job: Job) -> dict[str, Any]:
         }
         for label, s in scores.items()
     }
-    return {
+    result = {
         "seed": job.seed,
+        "sizes": vars(job.sizes),
         "metrics": metrics,
         "tuned": {
             k: {
@@ -288,8 +295,12 @@ def run_seed(job: Job) -> dict[str, Any]:
             "ranker": t_ranker - t0,
             "formulas": t_formulas - t_ranker,
             "total": time.perf_counter() - t0,
-        },  # fmt: skip
+        },
     }
+    from training.reports import to_json
+
+    saved.write_text(json.dumps(to_json(result)))  # a failed later seed does not lose this one
+    return result
 
 
 def latency(seed: int, n: int = 500, repeats: int = 2000) -> dict[str, Any]:
@@ -326,6 +337,59 @@ def latency(seed: int, n: int = 500, repeats: int = 2000) -> dict[str, Any]:
             for k, v in times.items()
         },
     }
+
+
+CAPS = (50, 100)  # tree counts timed by --latency besides the early-stopped models
+
+
+def latency_caps(seed: int, n: int = 500, repeats: int = 3000) -> dict[str, Any]:
+    """``LtrRuntime.score`` at ``n`` candidates, one thread, for seed's published fusions and for
+    the default LambdaMART refitted without early stopping at each cap in :data:`CAPS`, against
+    the default formula's evaluate; all interleaved in one process on validation rows."""
+    from mtrank.fusion import DEFAULT_FORMULA, DEFAULT_PARAMS, RULE_WEIGHT, FusionConfig
+    from mtrank.ltr_artefact import resolve
+    from mtrank.registry import Registry
+    from service.fusion_model import LtrRuntime
+    from training.ltr.data import load_split, open_source
+    from training.ltr.export import export_ltr
+    from training.ltr.relevance import Relevance
+    from training.ltr.train import FITTERS
+
+    out = RUNS / f"seed{seed}"
+    registry = Registry(out / "models")
+    names = ("ltr_lambdamart", "ltr_lambdamart_value", "ltr_bpr", "ltr_bpr_value")
+    runtimes = {name: LtrRuntime.load(resolve(registry, name)) for name in names}
+    base = ltr_config("ltr_lambdamart", out, seed, quick=False)
+    source = open_source(base, out)
+    train, valid = load_split(base, source, "train"), load_split(base, source, "valid")
+    for cap in CAPS:
+        lm = base.lambdamart.model_copy(update={"num_trees": cap, "early_stopping_rounds": 0})
+        cfg = base.model_copy(update={"name": f"ltr_lambdamart_{cap}", "lambdamart": lm})
+        rel = Relevance.fit(cfg, train)
+        trained = FITTERS["lambdamart"](cfg, rel.apply(train), rel.apply(valid), rel)
+        mv = export_ltr(cfg, trained, valid.x, {}, source.ranker, relevance=rel)
+        runtimes[cfg.name] = LtrRuntime.load(mv)
+    rows = np.random.default_rng(seed).integers(0, len(valid), n)
+    env: dict[str, Any] = {k: v[rows] for k, v in valid.env.items()} | {RULE_WEIGHT: 1.0}
+    formula = FusionConfig(formula=DEFAULT_FORMULA, params=DEFAULT_PARAMS).compile(env)
+    scorers: dict[str, Any] = {k: rt.score for k, rt in runtimes.items()}
+    scorers["default formula"] = formula.evaluate
+    times: dict[str, list[float]] = {k: [] for k in scorers}
+    for i in range(repeats + 100):
+        for k, score in scorers.items():
+            t = time.perf_counter()
+            score(env, n)
+            if i >= 100:  # warm-up
+                times[k].append(time.perf_counter() - t)
+    out_rows = {}
+    for k, v in times.items():
+        ms = np.asarray(v) * 1e3
+        meta = runtimes[k].metadata.model_dump() if k in runtimes else {}
+        out_rows[k] = {
+            "trees": meta.get("training", {}).get("trees"),
+            **{f"p{q}_ms": float(np.percentile(ms, q)) for q in (50, 90, 99)},
+        }
+    return {"n": n, "repeats": repeats, "seed": seed, "scorers": out_rows}
 
 
 def summary(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -423,6 +487,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = argv_of(argv)
     p = base_parser(__doc__.split("\n")[0], seeds=5)
     p.add_argument("--impressions", type=int, default=None, help="default 1,000,000")
+    p.add_argument("--resume", action="store_true", help=f"reuse seed results saved under {RUNS}")
+    p.add_argument("--latency", action="store_true",
+                   help="only time LtrRuntime.score at 500 candidates on seed 0 of a full run, "
+                   "early-stopped and at 50 and 100 trees")  # fmt: skip
     args = p.parse_args(argv)
     started = time.perf_counter()
     sizes = QUICK if args.quick else FULL
@@ -431,7 +499,16 @@ def main(argv: list[str] | None = None) -> int:
         sizes = replace(sizes, impressions=args.impressions)
         name += f"_n{args.impressions}"
     json_path, png_path = output_paths(name, args)
-    jobs = [Job(s, sizes) for s in range(args.seeds)]
+    if args.latency:
+        lat_path = json_path.with_name(f"{name}_latency.json")
+        lat = run_jobs(latency_caps, [0], 1, label=lambda s: f"latency seed={s}")[0]
+        write_result(lat_path, NAME, argv, started, lat)
+        print(format_table(["scorer", "trees", "p50 ms", "p90 ms", "p99 ms"],
+                           [[k, v["trees"] or "", v["p50_ms"], v["p90_ms"], v["p99_ms"]]
+                            for k, v in lat["scorers"].items()]))  # fmt: skip
+        print(f"wrote {lat_path}")
+        return 0
+    jobs = [Job(s, sizes, args.resume) for s in range(args.seeds)]
     print(f"{NAME}: {len(jobs)} worlds of {sizes.impressions:,} impressions on "
           f"{args.workers} workers", flush=True)  # fmt: skip
     runs = run_jobs(run_seed, jobs, args.workers)

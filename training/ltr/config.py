@@ -30,7 +30,10 @@ class LambdaMartConfig(_Strict):
     """LightGBM ``objective=lambdarank``. The size sets the serving cost: ORT walks every tree
     for every candidate, so trees x depth is what /rank pays (docs/ltr.md has the figures)."""
 
-    num_trees: int = Field(100, ge=1, description="boosting rounds at most (early stopping)")
+    num_trees: int = Field(
+        50, ge=1, description="boosting rounds at most (early stopping); 50 keep /rank's added "
+        "cost under 1 ms at 500 candidates (docs/ltr.md)"
+    )  # fmt: skip
     num_leaves: int = Field(15, ge=2)
     max_depth: int = Field(5, ge=-1, description="-1: unlimited")
     learning_rate: float = Field(0.1, gt=0.0)

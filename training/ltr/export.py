@@ -12,8 +12,10 @@ The difference is :func:`training.export.parity_error`, as for the ranker: absol
 up to 1 in magnitude, relative above, because an LTR score is unbounded and float32 alone
 rounds a score of 40 by 4e-6 (BPR on rows far out of range reaches such scores, and torch and
 onnxruntime sum in different orders). Tree ensembles compare float32 inputs with thresholds: a
-threshold that rounds to a different float32 than LightGBM's double would send a row down
-another branch, which this gate shows as a difference of a whole leaf value.
+threshold that rounds to a different float32 than LightGBM's double sends a row down another
+branch, a difference of a whole leaf value; the gate caught one on the single-model baseline,
+and :func:`training.ltr.lambdamart.float32_exact` now lowers every threshold to a float32 before
+conversion, which leaves the booster's scores of float32 inputs unchanged.
 """
 
 from __future__ import annotations

@@ -38,14 +38,15 @@ def fit_lambdamart(
     cfg: LtrConfig, train: LtrSplit, valid: LtrSplit, relevance: Relevance
 ) -> Trained:
     """LightGBM lambdarank on ``train``'s labels (relevance applied), early-stopped on valid."""
-    booster = lambdamart.train_lambdamart(train, valid, cfg.lambdamart, relevance.gains, cfg.seed)
-    trees = booster.best_iteration or booster.num_trees()
+    fitted = lambdamart.train_lambdamart(train, valid, cfg.lambdamart, relevance.gains, cfg.seed)
+    booster = lambdamart.float32_exact(fitted)  # scores as fitted does; exact in ONNX
+    trees = booster.num_trees()
     return Trained(
         cfg.trainer, "features" if cfg.trainer == "single_model" else "fusion", train.inputs,
         native=lambda x: lambdamart.predict(booster, x),
         graph=lambdamart.to_onnx(booster, train.x.shape[1]),
         info={"trees": trees, "importance_gain": dict(zip(
-            train.inputs, booster.feature_importance("gain", iteration=trees).tolist(),
+            train.inputs, booster.feature_importance("gain").tolist(),
             strict=True))},
     )  # fmt: skip
 

@@ -81,3 +81,29 @@ def test_a_published_version_is_whole(tmp_path: Path, trainer: str) -> None:
     graph = onnx.load(str(mv.path / LTR_MODEL_FILE))
     x = toy_split(10, seed=5).x
     assert np.allclose(onnx_scores(graph, x), trained.native(x), atol=1e-5)
+
+
+def test_thresholds_between_adjacent_float32_values_stay_exact() -> None:
+    """Two feature values one float32 apart: LightGBM splits between them in float64, and the
+    threshold rounded to float32 lands on one of them. As fitted, ONNX then sends that value
+    down the other branch; :func:`float32_exact` makes both agree without changing a score."""
+    import lightgbm as lgb
+
+    from training.ltr import lambdamart
+
+    lo = np.float32(0.1)
+    hi = np.nextafter(lo, np.float32(1.0))
+    x = np.repeat(np.array([[lo], [hi]], dtype=np.float32), 200, axis=0)
+    y = np.repeat([0, 1], 200)
+    order = np.random.default_rng(0).permutation(400)
+    params = {"objective": "lambdarank", "verbosity": -1, "min_data_in_leaf": 5,
+              "min_data_in_bin": 1, "num_threads": 1}  # fmt: skip
+    fitted = lgb.train(params, lgb.Dataset(x[order], y[order], group=np.full(20, 20)), 3)
+    probe = np.array([[lo], [hi]], dtype=np.float32)
+    native = lambdamart.predict(fitted, probe)
+    assert native[1] > native[0]  # the split separates them
+    as_fitted = onnx_scores(lambdamart.to_onnx(fitted, 1), probe)
+    assert np.max(np.abs(as_fitted - native)) > 0.1  # the hazard is real
+    exact = lambdamart.float32_exact(fitted)
+    np.testing.assert_array_equal(lambdamart.predict(exact, probe), native)
+    np.testing.assert_allclose(onnx_scores(lambdamart.to_onnx(exact, 1), probe), native, atol=1e-6)
